@@ -1,0 +1,167 @@
+"""The deterministic policy: the safe default, and the fallback of every LLM policy.
+
+Selection is utility-based with exploration, in the spirit of Oort (Lai et al., OSDI
+2021): a client's statistical utility is ``sqrt(num_examples) * last_loss`` (loss-heavy
+clients teach the model most), discounted when its last round overran the deadline, plus
+a staleness bonus; a share of the slots goes to the least recently seen clients so that
+no client starves. Allocation gives slow clients fewer local epochs. Weights follow the
+number of examples; replies slower than the deadline are flagged as stragglers and get
+no weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .types import (
+    Allocation,
+    ClientState,
+    Decision,
+    Flag,
+    Observation,
+)
+
+
+def statistical_utility(client: ClientState) -> float:
+    """Return ``sqrt(n) * loss`` for a seen client and ``inf`` for a new one."""
+    if client.last_loss is None or not math.isfinite(client.last_loss):
+        return math.inf
+    return math.sqrt(max(client.num_examples, 1)) * max(client.last_loss, 0.0)
+
+
+def system_factor(client: ClientState, deadline_s: float, penalty: float = 2.0) -> float:
+    """Return ``(deadline / duration) ** penalty`` for clients that overran, else 1."""
+    d = client.last_duration_s
+    if d is None or d <= deadline_s:
+        return 1.0
+    return float((deadline_s / d) ** penalty)
+
+
+def utilities(obs: Observation) -> np.ndarray:
+    """Return each client's selection utility, in ``obs.clients`` order.
+
+    Finite utilities are normalised to ``[0, 1]`` and get Oort's staleness bonus
+    ``sqrt(0.1 * ln(round) / last_selected_round)``; unseen clients keep ``inf``.
+    """
+    stat = np.array([statistical_utility(c) for c in obs.clients], dtype=float)
+    finite = np.isfinite(stat)
+    top = stat[finite].max() if finite.any() else 0.0
+    util = np.where(finite, stat / top if top > 0 else 0.0, np.inf)
+    for i, c in enumerate(obs.clients):
+        if finite[i]:
+            last = max(c.last_selected_round, 1)
+            bonus = math.sqrt(0.1 * math.log(max(obs.round, 1)) / last)
+            util[i] = (util[i] + bonus) * system_factor(c, obs.limits.deadline_s)
+    return util
+
+
+class DeterministicPolicy:
+    """Utility-based selection with exploration; weights by examples.
+
+    Parameters
+    ----------
+    seed : int
+        Seeds the tie-breaking and exploration draws; with ``obs.round`` it fixes them,
+        so the same observation always gets the same decision.
+    exploration : float
+        Share of the round's slots given to the least recently selected clients.
+    """
+
+    name = "deterministic"
+
+    def __init__(self, seed: int = 0, exploration: float = 0.2) -> None:
+        if not 0.0 <= exploration <= 1.0:
+            raise ValueError(f"exploration must be in [0, 1], got {exploration}")
+        self.seed = seed
+        self.exploration = exploration
+
+    def decide(self, obs: Observation) -> Decision:
+        """Return a selection and allocation (train) or weights and flags."""
+        if obs.phase == "train":
+            return self._train(obs)
+        return self._aggregate(obs)
+
+    # ------------------------------------------------------------------ phases
+    def _rng(self, obs: Observation) -> np.random.Generator:
+        return np.random.default_rng([self.seed, obs.round, int(obs.phase == "train")])
+
+    def _train(self, obs: Observation) -> Decision:
+        rng = self._rng(obs)
+        clients = list(obs.clients)
+        n = min(obs.target_clients, len(clients))
+        n_explore = round(self.exploration * n)
+        tie = rng.random(len(clients))
+
+        # Exploration: the least recently selected clients (never selected first).
+        by_staleness = sorted(
+            range(len(clients)), key=lambda i: (clients[i].last_selected_round, tie[i])
+        )
+        chosen = by_staleness[:n_explore]
+        rest = [i for i in range(len(clients)) if i not in set(chosen)]
+
+        # Exploitation: Gumbel top-k, i.e. sampling without replacement with
+        # probability proportional to utility (unseen clients first).
+        util = utilities(obs)
+        unseen = [i for i in rest if not np.isfinite(util[i])]
+        seen = [i for i in rest if np.isfinite(util[i])]
+        seen_util = np.maximum(util[seen], 1e-12)
+        gumbel = np.log(seen_util) + rng.gumbel(size=len(seen))
+        ranked_seen = [seen[j] for j in np.argsort(-gumbel, kind="stable")]
+        unseen.sort(key=lambda i: tie[i])
+        chosen += (unseen + ranked_seen)[: n - len(chosen)]
+
+        selected = tuple(clients[i].id for i in chosen)
+        allocations = {
+            clients[i].id: self._allocation(obs, clients[i]) for i in chosen
+        }
+        return Decision(
+            selected=selected,
+            allocations=allocations,
+            rationale=(
+                f"{n_explore} exploration slots by staleness, "
+                f"{len(selected) - n_explore} by utility sampling"
+            ),
+            source="deterministic",
+        )
+
+    @staticmethod
+    def _allocation(obs: Observation, client: ClientState) -> Allocation:
+        epochs = obs.default_epochs
+        d = client.last_duration_s
+        if d is not None and d > obs.limits.deadline_s:
+            # Scale local work down so the next round fits the deadline.
+            per_epoch = d / max(epochs, 1)
+            epochs = max(obs.limits.min_epochs, int(obs.limits.deadline_s // per_epoch))
+        return Allocation(
+            local_epochs=epochs,
+            lr=obs.default_lr,
+            compression="none",
+            deadline_s=obs.limits.deadline_s,
+        )
+
+    @staticmethod
+    def _aggregate(obs: Observation) -> Decision:
+        flags = tuple(
+            Flag(
+                id=r.id,
+                kind="straggler",
+                reason=(
+                    f"duration {r.duration_s:.2f}s over deadline "
+                    f"{obs.limits.deadline_s:.2f}s"
+                ),
+            )
+            for r in obs.replies
+            if r.duration_s > obs.limits.deadline_s
+        )
+        flagged = {f.id for f in flags}
+        weights = {
+            r.id: float(r.num_examples) for r in obs.replies if r.id not in flagged
+        }
+        return Decision(
+            weights=weights,
+            flags=flags,
+            rationale=f"weights by examples; {len(flags)} straggler(s) flagged",
+            source="deterministic",
+        )

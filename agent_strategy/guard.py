@@ -1,0 +1,207 @@
+"""``guard``: the hard limits no policy may exceed, as a pure function.
+
+Whatever a policy answers (the deterministic one, or an LLM that may be wrong or
+adversarially prompted), the strategy only ever acts on ``guard(decision, obs)``. The
+guard repairs what it can (clamps, drops, tops up, renormalises) and reports every
+change, so the decision log shows what the policy asked for and what was done.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .types import Allocation, Decision, Flag, Observation
+
+
+class GuardError(ValueError):
+    """The observation leaves no safe decision (e.g. fewer clients than the minimum)."""
+
+
+@dataclass(frozen=True)
+class Guarded:
+    """A guarded decision and the list of changes the guard made to it."""
+
+    decision: Decision
+    changes: tuple[str, ...]
+
+
+def cap_weights(weights: np.ndarray, max_share: float) -> np.ndarray:
+    """Normalise non-negative ``weights`` so that no entry exceeds ``max_share``.
+
+    Water-filling: entries above the cap are set to it and the excess is spread over
+    the others in proportion to their weight. When ``len(weights) * max_share < 1``
+    the cap cannot hold and ``1 / len(weights)`` is used instead.
+
+    Parameters
+    ----------
+    weights : np.ndarray
+        One-dimensional, finite, non-negative, with a positive sum.
+    max_share : float
+        The largest share one entry may get, in ``(0, 1]``.
+
+    Returns
+    -------
+    np.ndarray
+        Weights that sum to 1, each at most ``max(max_share, 1 / len(weights))``.
+    """
+    w = np.asarray(weights, dtype=float)
+    if w.ndim != 1 or w.size == 0:
+        raise ValueError("weights must be a non-empty 1-D array")
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("weights must be finite, non-negative, with a positive sum")
+    cap = max(max_share, 1.0 / w.size)
+    w = w / w.sum()
+    capped = np.zeros(w.size, dtype=bool)
+    for _ in range(w.size):
+        over = (w > cap + 1e-12) & ~capped
+        if not over.any():
+            break
+        capped |= over
+        free = ~capped
+        budget = 1.0 - cap * capped.sum()
+        w[capped] = cap
+        if free.any() and w[free].sum() > 0:
+            w[free] = w[free] / w[free].sum() * budget
+        elif free.any():
+            w[free] = budget / free.sum()
+    return w / w.sum()
+
+
+def guard(decision: Decision, obs: Observation) -> Guarded:
+    """Return ``decision`` made safe for ``obs``, with the changes made.
+
+    Train phase: selected ids are eligible, unique, not flagged, and between
+    ``limits.min_clients`` and ``limits.max_clients`` (topped up with the least
+    recently selected clients if short); each has an allocation within the epoch,
+    learning-rate and deadline limits. Aggregate phase: flags name replying clients
+    only; weights cover exactly the unflagged replies, are finite and non-negative
+    (examples-based if none are usable), sum to 1 and respect ``max_weight_share``.
+
+    Raises
+    ------
+    GuardError
+        If fewer eligible clients exist than ``limits.min_clients`` (train phase).
+    """
+    if obs.phase == "train":
+        return _guard_train(decision, obs)
+    return _guard_aggregate(decision, obs)
+
+
+def _guard_train(decision: Decision, obs: Observation) -> Guarded:
+    lim = obs.limits
+    changes: list[str] = []
+    eligible = [c.id for c in obs.clients]
+    if len(eligible) < lim.min_clients:
+        raise GuardError(
+            f"only {len(eligible)} eligible clients, fewer than the minimum "
+            f"{lim.min_clients}; lower min_replies/clients_per_round or add clients"
+        )
+    eligible_set = set(eligible)
+    flags = tuple(f for f in decision.flags if f.id in eligible_set)
+    if len(flags) != len(decision.flags):
+        changes.append("dropped flags on unknown clients")
+    flagged = {f.id for f in flags}
+
+    selected: list[str] = []
+    for cid in decision.selected:
+        if cid in selected:
+            changes.append(f"dropped duplicate {cid}")
+        elif cid not in eligible_set:
+            changes.append(f"dropped ineligible {cid}")
+        elif cid in flagged:
+            changes.append(f"dropped {cid}: both selected and flagged")
+        else:
+            selected.append(cid)
+    if len(selected) > lim.max_clients:
+        changes.append(f"truncated selection {len(selected)} -> {lim.max_clients}")
+        selected = selected[: lim.max_clients]
+    if len(selected) < lim.min_clients:
+        by_staleness = sorted(
+            (c for c in obs.clients if c.id not in selected and c.id not in flagged),
+            key=lambda c: (c.last_selected_round, int(c.id[1:])),
+        )
+        extra = [c.id for c in by_staleness[: lim.min_clients - len(selected)]]
+        changes.append(f"topped up selection with {extra}")
+        selected += extra
+
+    allocations: dict[str, Allocation] = {}
+    for cid in selected:
+        alloc = decision.allocations.get(cid)
+        if alloc is None:
+            changes.append(f"default allocation for {cid}")
+            alloc = Allocation(
+                local_epochs=obs.default_epochs,
+                lr=obs.default_lr,
+                deadline_s=lim.deadline_s,
+            )
+        fixed = _clamp_allocation(alloc, obs)
+        if fixed != alloc:
+            changes.append(f"clamped allocation of {cid}")
+        allocations[cid] = fixed
+    guarded = decision.model_copy(
+        update={
+            "selected": tuple(selected),
+            "allocations": allocations,
+            "weights": {},
+            "flags": flags,
+        }
+    )
+    return Guarded(guarded, tuple(changes))
+
+
+def _clamp_allocation(alloc: Allocation, obs: Observation) -> Allocation:
+    lim = obs.limits
+    lr = alloc.lr if math.isfinite(alloc.lr) else obs.default_lr
+    deadline = alloc.deadline_s if math.isfinite(alloc.deadline_s) else lim.deadline_s
+    return alloc.model_copy(
+        update={
+            "local_epochs": int(min(max(alloc.local_epochs, lim.min_epochs), lim.max_epochs)),
+            "lr": float(min(max(lr, lim.lr_min), lim.lr_max)),
+            "deadline_s": float(min(deadline, lim.deadline_s)),
+        }
+    )
+
+
+def _guard_aggregate(decision: Decision, obs: Observation) -> Guarded:
+    changes: list[str] = []
+    reply_ids = [r.id for r in obs.replies]
+    reply_set = set(reply_ids)
+    flags: list[Flag] = []
+    seen: set[tuple[str, str]] = set()
+    for f in decision.flags:
+        if f.id not in reply_set:
+            changes.append(f"dropped flag on {f.id}: not a reply of this round")
+        elif (f.id, f.kind) not in seen:
+            seen.add((f.id, f.kind))
+            flags.append(f)
+    flagged = {f.id for f in flags}
+    accepted = [r for r in obs.replies if r.id not in flagged]
+    for cid in decision.weights:
+        if cid not in reply_set or cid in flagged:
+            changes.append(f"dropped weight of {cid}: flagged or not a reply")
+    weights: dict[str, float] = {}
+    if accepted:
+        raw = []
+        for r in accepted:
+            w = decision.weights.get(r.id, 0.0)
+            if not math.isfinite(w) or w < 0:
+                changes.append(f"weight of {r.id} was {w}; set to 0")
+                w = 0.0
+            raw.append(w)
+        arr = np.array(raw, dtype=float)
+        if arr.sum() <= 0:
+            changes.append("no usable weights; weighting by examples")
+            arr = np.array([r.num_examples for r in accepted], dtype=float)
+        capped = cap_weights(arr, obs.limits.max_weight_share)
+        if np.any(capped < arr / arr.sum() - 1e-9):
+            changes.append(
+                f"capped weights at share {obs.limits.max_weight_share:g}"
+            )
+        weights = {r.id: float(w) for r, w in zip(accepted, capped, strict=True)}
+    guarded = decision.model_copy(
+        update={"selected": (), "allocations": {}, "weights": weights, "flags": tuple(flags)}
+    )
+    return Guarded(guarded, tuple(changes))

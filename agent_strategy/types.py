@@ -1,0 +1,114 @@
+"""Frozen, typed values that cross the policy boundary: ``Observation`` and ``Decision``.
+
+A policy (deterministic, or an LLM through litellm) sees an :class:`Observation` and
+answers a :class:`Decision`. Both are pydantic models so the LLM can be shown the exact
+JSON schema and its answer parsed and validated against it. Client ids are opaque
+(``c0``, ``c1``, ...): the server maps them to Flower node ids, and no string a client
+sends ever reaches an observation.
+
+One round asks the policy twice:
+
+* ``phase="train"``: before training, choose ``selected`` clients and an
+  ``allocations`` entry for each (local epochs, learning rate, compression, deadline);
+* ``phase="aggregate"``: after the replies arrive, with one :class:`ReplyFeatures` per
+  accepted reply, choose ``weights`` and ``flags`` (stragglers, faulty, malicious).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Phase = Literal["train", "aggregate"]
+FlagKind = Literal["straggler", "faulty", "malicious"]
+Compression = Literal["none"]
+DecisionSource = Literal["deterministic", "llm", "fallback"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ClientState(_Frozen):
+    """What the server knows about one client, in numbers only."""
+
+    id: str = Field(pattern=r"^c\d+$")
+    num_examples: int = Field(0, ge=0, description="training examples last reported")
+    rounds_selected: int = Field(0, ge=0)
+    rounds_accepted: int = Field(0, ge=0)
+    last_selected_round: int = Field(0, ge=0, description="0 = never selected")
+    last_loss: float | None = Field(None, description="last reported training loss")
+    last_duration_s: float | None = Field(None, ge=0)
+    failures: int = Field(0, ge=0, description="error or rejected replies so far")
+    times_flagged: int = Field(0, ge=0)
+
+
+class ReplyFeatures(_Frozen):
+    """Server-measured features of one accepted reply (aggregate phase only)."""
+
+    id: str = Field(pattern=r"^c\d+$")
+    num_examples: int = Field(ge=1)
+    train_loss: float
+    duration_s: float = Field(ge=0)
+    update_norm: float = Field(ge=0, description="L2 norm of (new - global)")
+    cosine_to_median: float = Field(
+        ge=-1.0, le=1.0, description="cosine of the update to the coordinate median"
+    )
+
+
+class Limits(_Frozen):
+    """Hard limits shown to the policy and enforced by :func:`guard`."""
+
+    min_clients: int = Field(ge=1)
+    max_clients: int = Field(ge=1)
+    min_epochs: int = Field(ge=1)
+    max_epochs: int = Field(ge=1)
+    lr_min: float = Field(gt=0)
+    lr_max: float = Field(gt=0)
+    max_weight_share: float = Field(gt=0, le=1)
+    deadline_s: float = Field(gt=0)
+
+
+class Observation(_Frozen):
+    """Everything a policy may base a decision on."""
+
+    phase: Phase
+    round: int = Field(ge=1)
+    num_rounds: int = Field(ge=1)
+    target_clients: int = Field(ge=1, description="clients wanted this round")
+    default_epochs: int = Field(ge=1)
+    default_lr: float = Field(gt=0)
+    limits: Limits
+    clients: tuple[ClientState, ...]
+    replies: tuple[ReplyFeatures, ...] = ()
+    plan: str = Field("default", description="the current phase of the plan")
+    last_accuracy: float | None = None
+
+
+class Allocation(_Frozen):
+    """Resources given to one selected client for this round."""
+
+    local_epochs: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    compression: Compression = "none"
+    deadline_s: float = Field(gt=0)
+
+
+class Flag(_Frozen):
+    """A client marked as late, faulty or malicious, with the reason why."""
+
+    id: str = Field(pattern=r"^c\d+$")
+    kind: FlagKind
+    reason: str = Field(max_length=300)
+
+
+class Decision(_Frozen):
+    """A policy's answer; which fields matter depends on the observation's phase."""
+
+    selected: tuple[str, ...] = ()
+    allocations: dict[str, Allocation] = Field(default_factory=dict)
+    weights: dict[str, float] = Field(default_factory=dict)
+    flags: tuple[Flag, ...] = ()
+    rationale: str = Field("", max_length=2000)
+    source: DecisionSource = "deterministic"

@@ -1,0 +1,1 @@
+"""Flower ClientApp and everything clients do: the task, local training."""

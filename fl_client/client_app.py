@@ -1,0 +1,137 @@
+"""The Flower ClientApp: local training and evaluation on one partition.
+
+The module-level ``app`` reads the run configuration from Flower (``flwr run``);
+:func:`make_client_app` binds an explicit :class:`RunConfig` instead, for the
+programmatic simulation entry point where Flower's ``run_config`` is empty.
+
+Every train reply carries one ``ArrayRecord`` (the new local weights) and one
+``MetricRecord`` with ``num-examples``, ``train-loss``, ``train-duration`` and
+``partition-id``, so that Flower's own strategies can aggregate it as well.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from orchestration.config import RunConfig
+
+from .task import build_model, evaluate, federated_split, train
+from .task.partition import ClientSplit
+
+
+def _partition_id(context: Context) -> int:
+    try:
+        return int(context.node_config["partition-id"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(
+            "node_config lacks an integer 'partition-id'; start the SuperNode with "
+            "--node-config \"partition-id=N num-partitions=M\""
+        ) from e
+
+
+def _client_data(cfg: RunConfig, context: Context) -> tuple[int, ClientSplit]:
+    pid = _partition_id(context)
+    n = int(context.node_config.get("num-partitions", cfg.num_clients))
+    if n != cfg.num_clients:
+        raise ValueError(
+            f"node_config num-partitions={n} but the run has num_clients="
+            f"{cfg.num_clients}; they must match"
+        )
+    if not 0 <= pid < n:
+        raise ValueError(f"partition-id={pid} outside 0..{n - 1}")
+    d = cfg.dataset
+    clients, _ = federated_split(
+        d.name,
+        n,
+        d.partitioner,
+        d.alpha,
+        d.classes_per_client,
+        d.client_test_fraction,
+        d.central_test_fraction,
+        cfg.seed,
+    )
+    return pid, clients[pid]
+
+
+def _model(cfg: RunConfig, split: ClientSplit, arrays: ArrayRecord) -> torch.nn.Module:
+    model = build_model(cfg.model.name, split.train.input_shape, split.train.num_classes)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    return model
+
+
+def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
+    """Return a ClientApp bound to ``cfg`` (or reading Flower's run config if None)."""
+    app = ClientApp()
+    torch.set_num_threads(1)
+
+    def resolve(context: Context) -> RunConfig:
+        return cfg if cfg is not None else RunConfig.from_flat(context.run_config)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Answer the server's roll call: partition id and training-set size."""
+        run_cfg = resolve(context)
+        pid, split = _client_data(run_cfg, context)
+        metrics = MetricRecord({"partition-id": pid, "num-examples": len(split.train.y)})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    @app.train()
+    def train_handler(msg: Message, context: Context) -> Message:
+        """Train the received model on the local partition; reply with new weights."""
+        run_cfg = resolve(context)
+        pid, split = _client_data(run_cfg, context)
+        conf = msg.content["config"] if "config" in msg.content else {}
+        epochs = int(conf.get("local-epochs", run_cfg.train.local_epochs))
+        lr = float(conf.get("lr", run_cfg.train.lr))
+        server_round = int(conf.get("server-round", 0))
+        model = _model(run_cfg, split, msg.content["arrays"])
+        start = time.perf_counter()
+        loss = train(
+            model,
+            split.train,
+            epochs=epochs,
+            lr=lr,
+            momentum=run_cfg.train.momentum,
+            batch_size=run_cfg.train.batch_size,
+            seed=run_cfg.seed * 1_000_003 + server_round * 1009 + pid,
+            proximal_mu=float(conf.get("proximal-mu", 0.0)),
+        )
+        duration = time.perf_counter() - start
+        metrics = MetricRecord(
+            {
+                "num-examples": len(split.train.y),
+                "train-loss": loss,
+                "train-duration": duration,
+                "partition-id": pid,
+            }
+        )
+        content = RecordDict(
+            {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}
+        )
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate_handler(msg: Message, context: Context) -> Message:
+        """Evaluate the received model on the local test split."""
+        run_cfg = resolve(context)
+        pid, split = _client_data(run_cfg, context)
+        model = _model(run_cfg, split, msg.content["arrays"])
+        loss, acc = evaluate(model, split.test)
+        metrics = MetricRecord(
+            {
+                "num-examples": len(split.test.y),
+                "eval-loss": loss,
+                "eval-acc": acc,
+                "partition-id": pid,
+            }
+        )
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,76 @@
+"""Aggregation math as pure functions on stacked, flattened updates.
+
+An update matrix ``U`` has one row per client and one column per model coordinate
+(the client's new weights minus the global weights, flattened). Nothing here knows
+about Flower.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def flatten_arrays(arrays: list[np.ndarray]) -> np.ndarray:
+    """Concatenate arrays into one float64 vector."""
+    if not arrays:
+        return np.zeros(0)
+    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
+
+
+def unflatten_vector(
+    vector: np.ndarray, shapes: list[tuple[int, ...]], dtypes: list[np.dtype]
+) -> list[np.ndarray]:
+    """Split ``vector`` back into arrays of the given shapes and dtypes."""
+    sizes = [int(np.prod(s)) for s in shapes]
+    if sum(sizes) != vector.size:
+        raise ValueError(f"vector has {vector.size} values, shapes need {sum(sizes)}")
+    out, start = [], 0
+    for shape, dtype, size in zip(shapes, dtypes, sizes, strict=True):
+        out.append(vector[start : start + size].reshape(shape).astype(dtype))
+        start += size
+    return out
+
+
+def weighted_mean(updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Return ``sum_i w_i U_i / sum_i w_i``.
+
+    Raises
+    ------
+    ValueError
+        If shapes disagree or the weights are negative, non-finite or sum to zero.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if updates.ndim != 2 or w.shape != (updates.shape[0],):
+        raise ValueError(f"{updates.shape[0]} updates but weights of shape {w.shape}")
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("weights must be finite, non-negative, with a positive sum")
+    return np.asarray((w / w.sum()) @ updates)
+
+
+def coordinate_median(updates: np.ndarray) -> np.ndarray:
+    """Return the coordinate-wise median of the rows."""
+    return np.asarray(np.median(updates, axis=0))
+
+
+def trimmed_mean(updates: np.ndarray, beta: float) -> np.ndarray:
+    """Return the coordinate-wise mean after dropping the ``beta`` share at each end."""
+    if not 0 <= beta < 0.5:
+        raise ValueError(f"beta must be in [0, 0.5), got {beta}")
+    n = updates.shape[0]
+    k = int(np.floor(beta * n))
+    ordered = np.sort(updates, axis=0)
+    return np.asarray(ordered[k : n - k].mean(axis=0))
+
+
+def l2_norms(updates: np.ndarray) -> np.ndarray:
+    """Return the L2 norm of each row."""
+    return np.asarray(np.linalg.norm(updates, axis=1))
+
+
+def cosine_to(updates: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """Return each row's cosine similarity to ``centre`` (0 where a norm is 0)."""
+    denom = l2_norms(updates) * float(np.linalg.norm(centre))
+    dots = updates @ centre
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(denom > 0, dots / np.where(denom > 0, denom, 1.0), 0.0)
+    return np.clip(cos, -1.0, 1.0)

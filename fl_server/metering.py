@@ -1,0 +1,96 @@
+"""A ``Grid`` wrapper that measures what crosses it, for any strategy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import Message, MessageType, RecordDict
+from flwr.supercore.run import Run
+from flwr.serverapp import Grid
+
+
+def message_bytes(content: RecordDict) -> int:
+    """Return the bytes of every array in ``content`` (as Flower serialises them)."""
+    return sum(rec.count_bytes() for rec in content.array_records.values())
+
+
+@dataclass
+class TrainTraffic:
+    """Train messages of the current round: counts, bytes and failures."""
+
+    sent: int = 0
+    bytes_down: int = 0
+    replies: int = 0
+    errors: int = 0
+    bytes_up: int = 0
+    error_reasons: list[str] = field(default_factory=list)
+
+
+class MeteredGrid(Grid):
+    """Delegate to ``inner``; count train messages and their array bytes.
+
+    Call :meth:`take_round` once per round to read and reset the counters.
+    """
+
+    def __init__(self, inner: Grid) -> None:
+        self.inner = inner
+        self._traffic = TrainTraffic()
+
+    def take_round(self) -> TrainTraffic:
+        """Return this round's counters and start new ones."""
+        traffic, self._traffic = self._traffic, TrainTraffic()
+        return traffic
+
+    def set_run(self, run: Run) -> None:
+        """Delegate."""
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        """Delegate."""
+        return self.inner.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """Delegate."""
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Delegate."""
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Delegate."""
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Delegate."""
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Delegate, counting train messages and replies."""
+        msgs = list(messages)
+        train = [m for m in msgs if m.metadata.message_type == MessageType.TRAIN]
+        t = self._traffic
+        t.sent += len(train)
+        t.bytes_down += sum(message_bytes(m.content) for m in train)
+        replies = list(self.inner.send_and_receive(msgs, timeout=timeout))
+        for r in replies:
+            if r.metadata.message_type != MessageType.TRAIN:
+                continue
+            t.replies += 1
+            if r.has_error():
+                t.errors += 1
+                t.error_reasons.append(r.error.reason)
+            else:
+                t.bytes_up += message_bytes(r.content)
+        return replies

@@ -1,0 +1,168 @@
+"""The Flower ServerApp: builds the strategy from the run config and runs it.
+
+The module-level ``app`` reads Flower's run config (``flwr run``);
+:func:`make_server_app` binds an explicit :class:`RunConfig` (programmatic simulation,
+Hydra). Either way the run writes, under its run directory: ``config.json``,
+``results.jsonl`` (one line per round), ``decisions.jsonl`` (agent strategy),
+``model.pt`` (the final global model) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from agent_strategy import DeterministicPolicy, Limits
+from fl_client.task import build_model, federated_split
+from orchestration.config import RunConfig
+
+from .baselines import build_baseline
+from .metering import MeteredGrid
+from .results import RoundRecorder
+from .strategy import AgentStrategy
+
+log = logging.getLogger("agentfl.server")
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    """Return (and create) the directory this run writes to."""
+    name = cfg.run_name or (
+        f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.strategy.name}-s{cfg.seed}"
+    )
+    path = Path(cfg.output_dir).expanduser() / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def build_strategy(cfg: RunConfig, run_dir: Path) -> Strategy:
+    """Return the agent strategy or the Flower baseline named by the config."""
+    if cfg.strategy.name != "agent":
+        return build_baseline(cfg)
+    p = cfg.policy
+    limits = Limits(
+        min_clients=cfg.min_replies,
+        max_clients=cfg.clients_per_round,
+        min_epochs=p.min_epochs,
+        max_epochs=p.max_epochs,
+        lr_min=p.lr_min,
+        lr_max=p.lr_max,
+        max_weight_share=p.max_weight_share,
+        deadline_s=p.deadline_s,
+    )
+    fallback = DeterministicPolicy(seed=cfg.seed, exploration=p.exploration)
+    return AgentStrategy(
+        fallback,
+        clients_per_round=cfg.clients_per_round,
+        min_replies=cfg.min_replies,
+        limits=limits,
+        local_epochs=cfg.train.local_epochs,
+        lr=cfg.train.lr,
+        fallback=fallback,
+        decision_log=run_dir / "decisions.jsonl",
+    )
+
+
+def run_server(grid: Grid, cfg: RunConfig) -> dict[str, object]:
+    """Run one federated training job on ``grid``; return the run summary."""
+    t0 = time.perf_counter()
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    run_dir = run_dir_for(cfg)
+    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+    results_path = run_dir / "results.jsonl"
+    results_path.unlink(missing_ok=True)
+    d = cfg.dataset
+    _, central = federated_split(
+        d.name,
+        cfg.num_clients,
+        d.partitioner,
+        d.alpha,
+        d.classes_per_client,
+        d.client_test_fraction,
+        d.central_test_fraction,
+        cfg.seed,
+    )
+    model = build_model(cfg.model.name, central.input_shape, central.num_classes, cfg.seed)
+    initial = ArrayRecord(model.state_dict())
+    strategy = build_strategy(cfg, run_dir)
+    if isinstance(strategy, AgentStrategy):
+        strategy.set_num_rounds(cfg.num_rounds)
+    metered = MeteredGrid(grid)
+    recorder = RoundRecorder(
+        model_name=cfg.model.name,
+        test_set=central,
+        grid=metered,
+        strategy=strategy,
+        results_path=results_path,
+        num_rounds=cfg.num_rounds,
+        min_replies=cfg.min_replies,
+    )
+    log.info("run %s: writing to %s", cfg.strategy.name, run_dir)
+    result = strategy.start(
+        grid=metered,
+        initial_arrays=initial,
+        num_rounds=cfg.num_rounds,
+        timeout=cfg.round_timeout_s,
+        train_config=ConfigRecord(
+            {"local-epochs": cfg.train.local_epochs, "lr": cfg.train.lr}
+        ),
+        evaluate_fn=recorder,
+    )
+    rounds_done = sum(1 for r in recorder.records if r.round > 0)
+    if rounds_done != cfg.num_rounds:
+        raise RuntimeError(
+            f"run ended after {rounds_done} of {cfg.num_rounds} rounds; see the log"
+        )
+    torch.save(result.arrays.to_torch_state_dict(), run_dir / "model.pt")
+    final = recorder.records[-1]
+    walls = [r.wall_s for r in recorder.records if r.round > 0]
+    summary: dict[str, object] = {
+        "strategy": cfg.strategy.name,
+        "seed": cfg.seed,
+        "rounds": rounds_done,
+        "initial_accuracy": recorder.records[0].accuracy,
+        "final_accuracy": final.accuracy,
+        "final_loss": final.loss,
+        "median_round_s": float(np.median(walls)),
+        "wall_s": round(time.perf_counter() - t0, 3),
+        "bytes_up": sum(r.bytes_up for r in recorder.records),
+        "bytes_down": sum(r.bytes_down for r in recorder.records),
+        "client_failures": sum(r.failures for r in recorder.records),
+        "policy_fallbacks": getattr(strategy, "total_fallbacks", 0),
+        "run_dir": str(run_dir),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def make_server_app(cfg: RunConfig | None = None) -> ServerApp:
+    """Return a ServerApp bound to ``cfg`` (or reading Flower's run config if None)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg = cfg if cfg is not None else RunConfig.from_flat(context.run_config)
+        summary = run_server(grid, run_cfg)
+        log.info(
+            "done: %s rounds, final accuracy %.4f, %.1fs; results in %s",
+            summary["rounds"],
+            summary["final_accuracy"],
+            summary["wall_s"],
+            summary["run_dir"],
+        )
+
+    return app
+
+
+app = make_server_app()

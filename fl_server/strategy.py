@@ -1,0 +1,410 @@
+"""``AgentStrategy``: a Flower Message-API strategy whose decisions come from a policy.
+
+Each round the strategy builds an :class:`~agent_strategy.Observation`, asks the policy,
+passes the answer through :func:`~agent_strategy.guard`, and acts on the guarded
+decision: one train message per selected client with its own config, then validation
+of every reply, server-measured features, a second policy call for weights and flags,
+and a weighted aggregate. A failing policy never fails a round: the deterministic
+policy answers instead, and the fallback is counted and logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from agent_strategy import (
+    ClientState,
+    Decision,
+    DeterministicPolicy,
+    Limits,
+    Observation,
+    Policy,
+    ReplyFeatures,
+    guard,
+)
+
+from .aggregation import (
+    coordinate_median,
+    cosine_to,
+    l2_norms,
+    unflatten_vector,
+    weighted_mean,
+)
+from .validation import InvalidReply, ModelSpec, ValidReply, validate_train_reply
+
+log = logging.getLogger("agentfl.strategy")
+
+
+class RoundFailedError(RuntimeError):
+    """Too few usable replies arrived to aggregate a round."""
+
+
+@dataclass
+class RoundInfo:
+    """What happened in one round, for the results file and the progress line."""
+
+    selected: list[str] = field(default_factory=list)
+    accepted: list[str] = field(default_factory=list)
+    flagged: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    fallbacks: int = 0
+
+
+@dataclass
+class _Client:
+    node_id: int
+    state: ClientState
+
+
+class AgentStrategy(Strategy):
+    """Flower strategy driven by a :class:`~agent_strategy.Policy`.
+
+    Parameters
+    ----------
+    policy : Policy
+        Answers both phases of each round.
+    clients_per_round : int
+        Clients the policy is asked to select (``target_clients``).
+    min_replies : int
+        A round with fewer accepted replies raises :class:`RoundFailedError`.
+    limits : Limits
+        Hard limits enforced by the guard on every decision.
+    local_epochs, lr : int, float
+        Default allocation shown to the policy.
+    fallback : Policy, optional
+        Answers when ``policy`` raises; a :class:`DeterministicPolicy` by default.
+    decision_log : Path, optional
+        A JSONL file receiving one line per round and phase.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        clients_per_round: int,
+        min_replies: int,
+        limits: Limits,
+        local_epochs: int,
+        lr: float,
+        fallback: Policy | None = None,
+        decision_log: Path | None = None,
+    ) -> None:
+        if min_replies > clients_per_round:
+            raise ValueError("min_replies must be at most clients_per_round")
+        self.policy = policy
+        self.fallback = fallback or DeterministicPolicy()
+        self.clients_per_round = clients_per_round
+        self.min_replies = min_replies
+        self.limits = limits
+        self.local_epochs = local_epochs
+        self.lr = lr
+        self.decision_log = decision_log
+        self.clients: dict[str, _Client] = {}
+        self.total_fallbacks = 0
+        self.total_failures = 0
+        self.info = RoundInfo()
+        self._global: np.ndarray | None = None
+        self._spec: ModelSpec | None = None
+        self._num_rounds = 1
+        self._last_accuracy: float | None = None
+
+    # ----------------------------------------------------------------- Flower API
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        log.info(
+            "AgentStrategy: policy=%s fallback=%s clients_per_round=%d "
+            "min_replies=%d limits=%s",
+            getattr(self.policy, "name", type(self.policy).__name__),
+            getattr(self.fallback, "name", type(self.fallback).__name__),
+            self.clients_per_round,
+            self.min_replies,
+            self.limits.model_dump(),
+        )
+
+    def set_num_rounds(self, num_rounds: int) -> None:
+        """Tell the strategy how many rounds the run has (shown to the policy)."""
+        self._num_rounds = num_rounds
+
+    def set_last_accuracy(self, accuracy: float | None) -> None:
+        """Record the latest centralized accuracy (shown to the policy)."""
+        self._last_accuracy = accuracy
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Roll-call new nodes, ask the policy whom to train and how."""
+        self.info = RoundInfo()
+        self._register_nodes(grid)
+        self._spec = ModelSpec.of(arrays)
+        self._global = np.concatenate(
+            [np.asarray(a, dtype=np.float64).ravel() for a in arrays.to_numpy_ndarrays()]
+        )
+        eligible = [c.state for c in self._ordered_clients()]
+        limits = self.limits.model_copy(
+            update={
+                "min_clients": min(self.min_replies, len(eligible)),
+                "max_clients": min(self.clients_per_round, len(eligible)),
+            }
+        )
+        obs = Observation(
+            phase="train",
+            round=server_round,
+            num_rounds=max(self._num_rounds, server_round),
+            target_clients=min(self.clients_per_round, len(eligible)),
+            default_epochs=self.local_epochs,
+            default_lr=self.lr,
+            limits=limits,
+            clients=tuple(eligible),
+            last_accuracy=self._last_accuracy,
+        )
+        decision = self._decide(obs)
+        self.info.selected = list(decision.selected)
+        messages = []
+        for cid in decision.selected:
+            alloc = decision.allocations[cid]
+            client = self.clients[cid]
+            client.state = client.state.model_copy(
+                update={
+                    "rounds_selected": client.state.rounds_selected + 1,
+                    "last_selected_round": server_round,
+                }
+            )
+            cfg = ConfigRecord(
+                {
+                    **dict(config),
+                    "server-round": server_round,
+                    "local-epochs": alloc.local_epochs,
+                    "lr": alloc.lr,
+                    "deadline-s": alloc.deadline_s,
+                    "compression": alloc.compression,
+                }
+            )
+            content = RecordDict({"arrays": arrays, "config": cfg})
+            messages.append(
+                Message(content, message_type=MessageType.TRAIN, dst_node_id=client.node_id)
+            )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate replies, ask the policy for weights and flags, aggregate."""
+        if self._global is None or self._spec is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        by_node = {c.node_id: cid for cid, c in self.clients.items()}
+        valid: dict[str, ValidReply] = {}
+        for reply in replies:
+            cid = by_node.get(reply.metadata.src_node_id)
+            if cid is None or cid not in self.info.selected:
+                log.warning("round %d: reply from unexpected node ignored", server_round)
+                continue
+            if reply.has_error():
+                self._fail(cid, f"client error: {reply.error.reason}")
+                continue
+            try:
+                checked = validate_train_reply(reply.content, self._spec)
+            except InvalidReply as e:
+                self._fail(cid, f"rejected: {e}")
+                continue
+            if checked.partition_id != int(cid[1:]):
+                self._fail(cid, f"rejected: partition-id {checked.partition_id} != {cid}")
+                continue
+            valid[cid] = checked
+        for cid in self.info.selected:
+            if cid not in valid and cid not in self.info.failures:
+                self._fail(cid, "no reply before the round timeout")
+        self._require(len(valid), server_round, "replies")
+
+        ids = sorted(valid, key=lambda c: int(c[1:]))
+        updates = np.stack([valid[c].vector for c in ids]) - self._global
+        norms = l2_norms(updates)
+        cosines = cosine_to(updates, coordinate_median(updates))
+        features = tuple(
+            ReplyFeatures(
+                id=c,
+                num_examples=valid[c].num_examples,
+                train_loss=valid[c].train_loss,
+                duration_s=valid[c].duration_s,
+                update_norm=float(norms[i]),
+                cosine_to_median=float(cosines[i]),
+            )
+            for i, c in enumerate(ids)
+        )
+        obs = Observation(
+            phase="aggregate",
+            round=server_round,
+            num_rounds=max(self._num_rounds, server_round),
+            target_clients=max(len(ids), 1),
+            default_epochs=self.local_epochs,
+            default_lr=self.lr,
+            limits=self.limits,
+            clients=tuple(self.clients[c].state for c in ids),
+            replies=features,
+            last_accuracy=self._last_accuracy,
+        )
+        decision = self._decide(obs)
+        self.info.flagged = {f.id: f"{f.kind}: {f.reason}" for f in decision.flags}
+        accepted = [c for c in ids if c in decision.weights]
+        self._require(len(accepted), server_round, "unflagged replies")
+        self.info.accepted = accepted
+        rows = [ids.index(c) for c in accepted]
+        weights = np.array([decision.weights[c] for c in accepted])
+        new_global = self._global + weighted_mean(updates[rows], weights)
+        self._update_states(valid, set(accepted), set(self.info.flagged))
+
+        new_arrays = unflatten_vector(
+            new_global, list(self._spec.shapes), list(self._spec.dtypes)
+        )
+        arrays = ArrayRecord(
+            {
+                name: Array(a)
+                for name, a in zip(self._spec.names, new_arrays, strict=True)
+            }
+        )
+        w_loss = float(
+            np.average([valid[c].train_loss for c in accepted], weights=weights)
+        )
+        metrics = MetricRecord(
+            {
+                "train-loss": w_loss,
+                "accepted": len(accepted),
+                "flagged": len(self.info.flagged),
+                "failures": len(self.info.failures),
+            }
+        )
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Federated evaluation is off; the server evaluates centrally."""
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Nothing to aggregate (see :meth:`configure_evaluate`)."""
+        return None
+
+    # ------------------------------------------------------------------ helpers
+    def _ordered_clients(self) -> list[_Client]:
+        return [self.clients[c] for c in sorted(self.clients, key=lambda c: int(c[1:]))]
+
+    def _register_nodes(self, grid: Grid) -> None:
+        """Ask nodes not seen before for their partition id and data size."""
+        known = {c.node_id for c in self.clients.values()}
+        new = sorted(set(grid.get_node_ids()) - known)
+        if not new:
+            return
+        msgs = [
+            Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=nid)
+            for nid in new
+        ]
+        for reply in grid.send_and_receive(msgs, timeout=120):
+            if reply.has_error():
+                log.warning(
+                    "roll call: node %d failed: %s",
+                    reply.metadata.src_node_id,
+                    reply.error.reason,
+                )
+                continue
+            metrics = reply.content.metric_records.get("metrics", {})
+            pid, n = metrics.get("partition-id"), metrics.get("num-examples")
+            if not isinstance(pid, int) or not isinstance(n, int) or pid < 0 or n < 0:
+                log.warning("roll call: node %d sent malformed ids", reply.metadata.src_node_id)
+                continue
+            cid = f"c{pid}"
+            if cid in self.clients:
+                log.warning("roll call: two nodes claim partition %d; keeping the first", pid)
+                continue
+            self.clients[cid] = _Client(
+                node_id=reply.metadata.src_node_id,
+                state=ClientState(id=cid, num_examples=n),
+            )
+        log.info("roll call: %d clients registered", len(self.clients))
+
+    def _decide(self, obs: Observation) -> Decision:
+        start = time.perf_counter()
+        fallback_reason = ""
+        try:
+            raw = self.policy.decide(obs)
+        except Exception as e:  # noqa: BLE001 - any policy failure falls back
+            fallback_reason = f"{type(e).__name__}: {e}"
+            log.warning(
+                "round %d %s: policy failed (%s); deterministic fallback answers",
+                obs.round,
+                obs.phase,
+                fallback_reason,
+            )
+            self.total_fallbacks += 1
+            self.info.fallbacks += 1
+            raw = self.fallback.decide(obs).model_copy(update={"source": "fallback"})
+        guarded = guard(raw, obs)
+        latency = time.perf_counter() - start
+        self.info.sources[obs.phase] = guarded.decision.source
+        if guarded.changes:
+            log.info("round %d %s guard: %s", obs.round, obs.phase, "; ".join(guarded.changes))
+        if self.decision_log is not None:
+            entry = {
+                "round": obs.round,
+                "phase": obs.phase,
+                "source": guarded.decision.source,
+                "fallback_reason": fallback_reason,
+                "latency_s": round(latency, 6),
+                "rationale": guarded.decision.rationale,
+                "decision": guarded.decision.model_dump(mode="json"),
+                "guard_changes": list(guarded.changes),
+            }
+            with self.decision_log.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(entry) + "\n")
+        return guarded.decision
+
+    def _fail(self, cid: str, reason: str) -> None:
+        self.info.failures[cid] = reason
+        self.total_failures += 1
+        state = self.clients[cid].state
+        self.clients[cid].state = state.model_copy(update={"failures": state.failures + 1})
+        log.warning("client %s: %s", cid, reason)
+
+    def _require(self, count: int, server_round: int, what: str) -> None:
+        if count >= self.min_replies:
+            return
+        detail = "; ".join(f"{c}: {r}" for c, r in sorted(self.info.failures.items()))
+        raise RoundFailedError(
+            f"round {server_round}: only {count} usable {what}, fewer than "
+            f"min_replies={self.min_replies}. Failures: {detail or 'none'}"
+        )
+
+    def _update_states(
+        self, valid: dict[str, ValidReply], accepted: set[str], flagged: set[str]
+    ) -> None:
+        for cid, reply in valid.items():
+            st = self.clients[cid].state
+            self.clients[cid].state = st.model_copy(
+                update={
+                    "num_examples": reply.num_examples,
+                    "last_loss": reply.train_loss,
+                    "last_duration_s": reply.duration_s,
+                    "rounds_accepted": st.rounds_accepted + int(cid in accepted),
+                    "times_flagged": st.times_flagged + int(cid in flagged),
+                }
+            )

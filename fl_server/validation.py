@@ -1,0 +1,93 @@
+"""Check a client's train reply before it can touch the global model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, RecordDict
+
+from .aggregation import flatten_arrays
+
+REQUIRED_METRICS = ("num-examples", "train-loss", "train-duration", "partition-id")
+
+
+class InvalidReply(ValueError):
+    """A reply that must not be aggregated; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Names, shapes and dtypes of the global model's arrays."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[np.dtype, ...]
+
+    @classmethod
+    def of(cls, arrays: ArrayRecord) -> ModelSpec:
+        """Describe an ``ArrayRecord``."""
+        nds = {k: v.numpy() for k, v in arrays.items()}
+        return cls(
+            names=tuple(nds),
+            shapes=tuple(a.shape for a in nds.values()),
+            dtypes=tuple(a.dtype for a in nds.values()),
+        )
+
+
+@dataclass(frozen=True)
+class ValidReply:
+    """A reply that passed every check, with its flattened weights."""
+
+    vector: np.ndarray
+    num_examples: int
+    train_loss: float
+    duration_s: float
+    partition_id: int
+
+
+def validate_train_reply(content: RecordDict, spec: ModelSpec) -> ValidReply:
+    """Return the reply's weights and metrics, or raise :class:`InvalidReply`.
+
+    Checks: exactly one ArrayRecord with the global model's keys, shapes and floating
+    dtypes, all values finite; one MetricRecord with ``num-examples`` (a positive
+    integer), a finite ``train-loss``, a non-negative ``train-duration`` and an integer
+    ``partition-id``.
+    """
+    if len(content.array_records) != 1:
+        raise InvalidReply(f"expected 1 ArrayRecord, got {len(content.array_records)}")
+    if len(content.metric_records) != 1:
+        raise InvalidReply(f"expected 1 MetricRecord, got {len(content.metric_records)}")
+    record = next(iter(content.array_records.values()))
+    if tuple(record.keys()) != spec.names:
+        missing = set(spec.names) - set(record.keys())
+        extra = set(record.keys()) - set(spec.names)
+        raise InvalidReply(f"array keys differ: missing {sorted(missing)}, extra {sorted(extra)}")
+    arrays = []
+    for name, shape in zip(spec.names, spec.shapes, strict=True):
+        try:
+            a = record[name].numpy()
+        except Exception as e:  # noqa: BLE001 - any decoding failure rejects the reply
+            raise InvalidReply(f"array {name!r} cannot be decoded: {e}") from e
+        if a.shape != shape:
+            raise InvalidReply(f"array {name!r} has shape {a.shape}, expected {shape}")
+        if not np.issubdtype(a.dtype, np.floating):
+            raise InvalidReply(f"array {name!r} has dtype {a.dtype}, expected float")
+        if not np.all(np.isfinite(a)):
+            raise InvalidReply(f"array {name!r} has non-finite values")
+        arrays.append(a)
+    metrics = next(iter(content.metric_records.values()))
+    missing_m = [k for k in REQUIRED_METRICS if k not in metrics]
+    if missing_m:
+        raise InvalidReply(f"metrics lack {missing_m}")
+    n, loss, dur, pid = (metrics[k] for k in REQUIRED_METRICS)
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise InvalidReply(f"num-examples must be a positive integer, got {n!r}")
+    if not isinstance(loss, int | float) or not math.isfinite(loss):
+        raise InvalidReply(f"train-loss must be finite, got {loss!r}")
+    if not isinstance(dur, int | float) or not math.isfinite(dur) or dur < 0:
+        raise InvalidReply(f"train-duration must be >= 0, got {dur!r}")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        raise InvalidReply(f"partition-id must be an integer, got {pid!r}")
+    return ValidReply(flatten_arrays(arrays), n, float(loss), float(dur), pid)

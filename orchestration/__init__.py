@@ -1,0 +1,1 @@
+"""Run configuration and the glue that runs experiments on Flower's engines."""

@@ -1,0 +1,210 @@
+"""The one typed run configuration shared by ``flwr run``, Hydra and the tests.
+
+``flwr run`` hands the ServerApp and the ClientApp a flat ``UserConfig`` (keys such as
+``dataset.alpha``) read from ``[tool.flwr.app.config]`` and ``--run-config``; Hydra
+composes the same keys as nested groups from ``conf/``. Both are validated here, by one
+pydantic schema, so that a typo or an out-of-range value fails at start-up with a message
+that names the key and the allowed values or range.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DatasetName = Literal["mnist5k", "digits", "mnist", "cifar10"]
+PartitionerName = Literal["iid", "dirichlet", "pathological"]
+ModelName = Literal["cnn", "mlp"]
+StrategyName = Literal[
+    "agent", "fedavg", "fedprox", "fedtrimmedavg", "multikrum", "fedmedian"
+]
+PolicyName = Literal["deterministic"]
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names key and range."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(_Section):
+    """Which data, and how it is split between clients and the server."""
+
+    name: DatasetName = "mnist5k"
+    partitioner: PartitionerName = "dirichlet"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration")
+    classes_per_client: int = Field(2, ge=1, description="pathological partitioner")
+    client_test_fraction: float = Field(0.2, gt=0, lt=1)
+    central_test_fraction: float = Field(0.2, gt=0, lt=1)
+
+
+class ModelConfig(_Section):
+    """The network trained by every client."""
+
+    name: ModelName = "cnn"
+
+
+class TrainConfig(_Section):
+    """Local training defaults; a policy may change epochs and lr per client."""
+
+    local_epochs: int = Field(1, ge=1, le=100)
+    lr: float = Field(0.05, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    batch_size: int = Field(32, ge=1, le=4096)
+
+
+class StrategyConfig(_Section):
+    """Which server strategy runs, and the knobs of Flower's baselines."""
+
+    name: StrategyName = "agent"
+    proximal_mu: float = Field(0.01, ge=0, description="fedprox")
+    trim_beta: float = Field(0.2, gt=0, lt=0.5, description="fedtrimmedavg")
+    krum_byzantine: int = Field(2, ge=0, description="multikrum: assumed attackers")
+    krum_keep: int = Field(6, ge=1, description="multikrum: updates averaged")
+
+
+class PolicyConfig(_Section):
+    """The agent strategy's policy and the hard limits its guard enforces."""
+
+    name: PolicyName = "deterministic"
+    exploration: float = Field(0.2, ge=0, le=1, description="share of explored slots")
+    deadline_s: float = Field(60.0, gt=0, description="slower replies are stragglers")
+    min_epochs: int = Field(1, ge=1)
+    max_epochs: int = Field(5, ge=1)
+    lr_min: float = Field(1e-4, gt=0)
+    lr_max: float = Field(0.5, gt=0)
+    max_weight_share: float = Field(
+        0.5, gt=0, le=1, description="trust region: largest share one update may get"
+    )
+
+
+class RunConfig(_Section):
+    """Everything one run needs; see ``docs/configuration.md`` for each key."""
+
+    seed: int = Field(0, ge=0)
+    num_rounds: int = Field(30, ge=1, le=100_000)
+    num_clients: int = Field(20, ge=2, le=100_000)
+    clients_per_round: int = Field(10, ge=1)
+    min_replies: int = Field(
+        2, ge=1, description="a round with fewer accepted replies stops the run"
+    )
+    round_timeout_s: float = Field(600.0, gt=0)
+    output_dir: str = "runs"
+    run_name: str = Field(
+        "", description="sub-directory of output_dir; empty: <time>-<strategy>-s<seed>"
+    )
+    client_cpus: float = Field(1.0, gt=0, description="Ray CPUs per client actor")
+    dataset: DatasetConfig = DatasetConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    policy: PolicyConfig = PolicyConfig()
+
+    @model_validator(mode="after")
+    def _check_cross_field(self) -> RunConfig:
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients_per_round={self.clients_per_round} must be at most "
+                f"num_clients={self.num_clients} (allowed range 1..num_clients)"
+            )
+        if self.min_replies > self.clients_per_round:
+            raise ValueError(
+                f"min_replies={self.min_replies} must be at most "
+                f"clients_per_round={self.clients_per_round}"
+            )
+        if self.policy.min_epochs > self.policy.max_epochs:
+            raise ValueError("policy.min_epochs must be at most policy.max_epochs")
+        if self.policy.lr_min > self.policy.lr_max:
+            raise ValueError("policy.lr_min must be at most policy.lr_max")
+        if self.strategy.name == "multikrum" and (
+            self.strategy.krum_keep > self.clients_per_round
+        ):
+            raise ValueError(
+                f"strategy.krum_keep={self.strategy.krum_keep} must be at most "
+                f"clients_per_round={self.clients_per_round}"
+            )
+        return self
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_nested(cls, data: Mapping[str, Any]) -> RunConfig:
+        """Validate a nested mapping (Hydra, JSON); raise ``ConfigError`` if bad."""
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as e:
+            raise ConfigError(_explain(e)) from e
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
+        """Validate Flower's flat ``run_config`` (keys like ``dataset.alpha``)."""
+        return cls.from_nested(unflatten(flat))
+
+    def to_flat(self) -> dict[str, Any]:
+        """Return the flat form Flower's run config and pyproject use."""
+        return flatten(self.model_dump())
+
+
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten ``{"a": {"b": 1}}`` to ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in nested.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, prefix=f"{full}."))
+        else:
+            out[full] = value
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Invert :func:`flatten`; a key that is both a leaf and a section is an error."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = str(key).split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"config key {key!r}: {part!r} is not a section")
+            node = child
+        if isinstance(node.get(leaf), dict):
+            raise ConfigError(f"config key {key!r} names a section, not a value")
+        node[leaf] = value
+    return out
+
+
+def _explain(error: ValidationError) -> str:
+    """Turn pydantic's errors into one line per key, with the allowed values."""
+    lines = []
+    for err in error.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<config>"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"unknown config key {key!r}; valid keys: {_valid_keys()}")
+            continue
+        msg = err["msg"]
+        if isinstance(err.get("input"), float) and not math.isfinite(err["input"]):
+            msg = f"{msg} (got {err['input']})"
+        lines.append(f"config key {key!r}: {msg} (got {err.get('input')!r})")
+    return "invalid run configuration:\n  " + "\n  ".join(lines)
+
+
+def _valid_keys() -> str:
+    return ", ".join(sorted(RunConfig().to_flat()))
+
+
+def choices(name: str) -> tuple[str, ...]:
+    """Return the allowed values of a name-typed key, e.g. ``choices("dataset")``."""
+    literal = {
+        "dataset": DatasetName,
+        "partitioner": PartitionerName,
+        "model": ModelName,
+        "strategy": StrategyName,
+        "policy": PolicyName,
+    }[name]
+    return tuple(get_args(literal))
