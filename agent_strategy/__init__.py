@@ -5,7 +5,7 @@ Observations in, decisions out: :class:`Observation`, :class:`Decision`, the
 """
 
 from .deterministic import DeterministicPolicy
-from .guard import GuardError, Guarded, cap_weights, guard
+from .guard import Guarded, GuardError, cap_weights, guard
 from .policy import Policy
 from .types import (
     Allocation,

@@ -31,7 +31,9 @@ def statistical_utility(client: ClientState) -> float:
     return math.sqrt(max(client.num_examples, 1)) * max(client.last_loss, 0.0)
 
 
-def system_factor(client: ClientState, deadline_s: float, penalty: float = 2.0) -> float:
+def system_factor(
+    client: ClientState, deadline_s: float, penalty: float = 2.0
+) -> float:
     """Return ``(deadline / duration) ** penalty`` for clients that overran, else 1."""
     d = client.last_duration_s
     if d is None or d <= deadline_s:
@@ -67,15 +69,23 @@ class DeterministicPolicy:
         so the same observation always gets the same decision.
     exploration : float
         Share of the round's slots given to the least recently selected clients.
+    cutoff : float
+        Oort's exploitation cutoff: clients within this factor of the k-th best
+        utility are candidates.
     """
 
     name = "deterministic"
 
-    def __init__(self, seed: int = 0, exploration: float = 0.2) -> None:
+    def __init__(
+        self, seed: int = 0, exploration: float = 0.2, cutoff: float = 0.95
+    ) -> None:
         if not 0.0 <= exploration <= 1.0:
             raise ValueError(f"exploration must be in [0, 1], got {exploration}")
+        if not 0.0 < cutoff <= 1.0:
+            raise ValueError(f"cutoff must be in (0, 1], got {cutoff}")
         self.seed = seed
         self.exploration = exploration
+        self.cutoff = cutoff
 
     def decide(self, obs: Observation) -> Decision:
         """Return a selection and allocation (train) or weights and flags."""
@@ -101,27 +111,35 @@ class DeterministicPolicy:
         chosen = by_staleness[:n_explore]
         rest = [i for i in range(len(clients)) if i not in set(chosen)]
 
-        # Exploitation: Gumbel top-k, i.e. sampling without replacement with
-        # probability proportional to utility (unseen clients first).
+        # Exploitation, as Oort: candidates are the clients whose utility is at least
+        # ``cutoff`` times the k-th best; k of them are drawn without replacement with
+        # probability proportional to utility (Gumbel top-k). Unseen clients first.
         util = utilities(obs)
-        unseen = [i for i in rest if not np.isfinite(util[i])]
+        k = n - len(chosen)
+        unseen = sorted(
+            (i for i in rest if not np.isfinite(util[i])), key=lambda i: tie[i]
+        )
         seen = [i for i in rest if np.isfinite(util[i])]
-        seen_util = np.maximum(util[seen], 1e-12)
-        gumbel = np.log(seen_util) + rng.gumbel(size=len(seen))
-        ranked_seen = [seen[j] for j in np.argsort(-gumbel, kind="stable")]
-        unseen.sort(key=lambda i: tie[i])
-        chosen += (unseen + ranked_seen)[: n - len(chosen)]
+        picks = unseen[:k]
+        k_seen = k - len(picks)
+        if k_seen > 0 and seen:
+            seen_util = np.maximum(util[seen], 1e-12)
+            kth = np.sort(seen_util)[::-1][min(k_seen, len(seen)) - 1]
+            pool = [j for j in range(len(seen)) if seen_util[j] >= self.cutoff * kth]
+            gumbel = np.log(seen_util[pool]) + rng.gumbel(size=len(pool))
+            picks += [
+                seen[pool[j]] for j in np.argsort(-gumbel, kind="stable")[:k_seen]
+            ]
+        chosen += picks
 
         selected = tuple(clients[i].id for i in chosen)
-        allocations = {
-            clients[i].id: self._allocation(obs, clients[i]) for i in chosen
-        }
+        allocations = {clients[i].id: self._allocation(obs, clients[i]) for i in chosen}
         return Decision(
             selected=selected,
             allocations=allocations,
             rationale=(
                 f"{n_explore} exploration slots by staleness, "
-                f"{len(selected) - n_explore} by utility sampling"
+                f"{len(selected) - n_explore} by utility (Oort cutoff {self.cutoff:g})"
             ),
             source="deterministic",
         )

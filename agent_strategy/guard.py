@@ -158,7 +158,9 @@ def _clamp_allocation(alloc: Allocation, obs: Observation) -> Allocation:
     deadline = alloc.deadline_s if math.isfinite(alloc.deadline_s) else lim.deadline_s
     return alloc.model_copy(
         update={
-            "local_epochs": int(min(max(alloc.local_epochs, lim.min_epochs), lim.max_epochs)),
+            "local_epochs": int(
+                min(max(alloc.local_epochs, lim.min_epochs), lim.max_epochs)
+            ),
             "lr": float(min(max(lr, lim.lr_min), lim.lr_max)),
             "deadline_s": float(min(deadline, lim.deadline_s)),
         }
@@ -197,11 +199,14 @@ def _guard_aggregate(decision: Decision, obs: Observation) -> Guarded:
             arr = np.array([r.num_examples for r in accepted], dtype=float)
         capped = cap_weights(arr, obs.limits.max_weight_share)
         if np.any(capped < arr / arr.sum() - 1e-9):
-            changes.append(
-                f"capped weights at share {obs.limits.max_weight_share:g}"
-            )
+            changes.append(f"capped weights at share {obs.limits.max_weight_share:g}")
         weights = {r.id: float(w) for r, w in zip(accepted, capped, strict=True)}
     guarded = decision.model_copy(
-        update={"selected": (), "allocations": {}, "weights": weights, "flags": tuple(flags)}
+        update={
+            "selected": (),
+            "allocations": {},
+            "weights": weights,
+            "flags": tuple(flags),
+        }
     )
     return Guarded(guarded, tuple(changes))

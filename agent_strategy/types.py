@@ -1,4 +1,4 @@
-"""Frozen, typed values that cross the policy boundary: ``Observation`` and ``Decision``.
+"""Frozen, typed values that cross the policy boundary: observations and decisions.
 
 A policy (deterministic, or an LLM through litellm) sees an :class:`Observation` and
 answers a :class:`Decision`. Both are pydantic models so the LLM can be shown the exact

@@ -1,0 +1,1 @@
+"""Hydra entry point, sweeps and benchmarks."""

@@ -12,15 +12,26 @@ Every train reply carries one ``ArrayRecord`` (the new local weights) and one
 from __future__ import annotations
 
 import time
+from typing import TypeVar
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from orchestration.config import RunConfig
 
 from .task import build_model, evaluate, federated_split, train
 from .task.partition import ClientSplit
+
+_Num = TypeVar("_Num", int, float)
 
 
 def _partition_id(context: Context) -> int:
@@ -29,7 +40,7 @@ def _partition_id(context: Context) -> int:
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(
             "node_config lacks an integer 'partition-id'; start the SuperNode with "
-            "--node-config \"partition-id=N num-partitions=M\""
+            '--node-config "partition-id=N num-partitions=M"'
         ) from e
 
 
@@ -57,15 +68,35 @@ def _client_data(cfg: RunConfig, context: Context) -> tuple[int, ClientSplit]:
     return pid, clients[pid]
 
 
+def _number(conf: ConfigRecord, key: str, default: _Num, kind: type[_Num]) -> _Num:
+    """Read a numeric server instruction, with a clear error if it is malformed."""
+    value = conf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"config {key!r} must be a number, got {value!r}")
+    return kind(value)
+
+
 def _model(cfg: RunConfig, split: ClientSplit, arrays: ArrayRecord) -> torch.nn.Module:
-    model = build_model(cfg.model.name, split.train.input_shape, split.train.num_classes)
+    model = build_model(
+        cfg.model.name, split.train.input_shape, split.train.num_classes
+    )
     model.load_state_dict(arrays.to_torch_state_dict())
     return model
 
 
-def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
-    """Return a ClientApp bound to ``cfg`` (or reading Flower's run config if None)."""
-    app = ClientApp()
+def make_client_app(
+    cfg: RunConfig | None = None, mods: list[Mod] | None = None
+) -> ClientApp:
+    """Return a ClientApp bound to ``cfg`` (or reading Flower's run config if None).
+
+    Parameters
+    ----------
+    cfg : RunConfig, optional
+        The run configuration; ``None`` reads ``context.run_config`` (``flwr run``).
+    mods : list of Mod, optional
+        Flower mods wrapped around every handler (e.g. for tests or privacy).
+    """
+    app = ClientApp(mods=mods or [])
     torch.set_num_threads(1)
 
     def resolve(context: Context) -> RunConfig:
@@ -76,7 +107,9 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         """Answer the server's roll call: partition id and training-set size."""
         run_cfg = resolve(context)
         pid, split = _client_data(run_cfg, context)
-        metrics = MetricRecord({"partition-id": pid, "num-examples": len(split.train.y)})
+        metrics = MetricRecord(
+            {"partition-id": pid, "num-examples": len(split.train.y)}
+        )
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
     @app.train()
@@ -84,11 +117,11 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         """Train the received model on the local partition; reply with new weights."""
         run_cfg = resolve(context)
         pid, split = _client_data(run_cfg, context)
-        conf = msg.content["config"] if "config" in msg.content else {}
-        epochs = int(conf.get("local-epochs", run_cfg.train.local_epochs))
-        lr = float(conf.get("lr", run_cfg.train.lr))
-        server_round = int(conf.get("server-round", 0))
-        model = _model(run_cfg, split, msg.content["arrays"])
+        conf = msg.content.config_records.get("config", ConfigRecord())
+        epochs = _number(conf, "local-epochs", run_cfg.train.local_epochs, int)
+        lr = _number(conf, "lr", run_cfg.train.lr, float)
+        server_round = _number(conf, "server-round", 0, int)
+        model = _model(run_cfg, split, msg.content.array_records["arrays"])
         start = time.perf_counter()
         loss = train(
             model,
@@ -98,7 +131,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
             momentum=run_cfg.train.momentum,
             batch_size=run_cfg.train.batch_size,
             seed=run_cfg.seed * 1_000_003 + server_round * 1009 + pid,
-            proximal_mu=float(conf.get("proximal-mu", 0.0)),
+            proximal_mu=_number(conf, "proximal-mu", 0.0, float),
         )
         duration = time.perf_counter() - start
         metrics = MetricRecord(
@@ -119,7 +152,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         """Evaluate the received model on the local test split."""
         run_cfg = resolve(context)
         pid, split = _client_data(run_cfg, context)
-        model = _model(run_cfg, split, msg.content["arrays"])
+        model = _model(run_cfg, split, msg.content.array_records["arrays"])
         loss, acc = evaluate(model, split.test)
         metrics = MetricRecord(
             {

@@ -6,8 +6,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from flwr.app import Message, MessageType, RecordDict
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 
 def message_bytes(content: RecordDict) -> int:
@@ -60,7 +60,9 @@ class MeteredGrid(Grid):
         ttl: float | None = None,
     ) -> Message:
         """Delegate."""
-        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+        return self.inner.create_message(
+            content, message_type, dst_node_id, group_id, ttl
+        )
 
     def get_node_ids(self) -> Iterable[int]:
         """Delegate."""
@@ -90,7 +92,7 @@ class MeteredGrid(Grid):
             t.replies += 1
             if r.has_error():
                 t.errors += 1
-                t.error_reasons.append(r.error.reason)
+                t.error_reasons.append(r.error.reason or f"error code {r.error.code}")
             else:
                 t.bytes_up += message_bytes(r.content)
         return replies

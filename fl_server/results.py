@@ -81,7 +81,9 @@ class RoundRecorder:
                 f"train replies of {traffic.sent} sent, fewer than min_replies="
                 f"{self.min_replies}. Errors: {traffic.error_reasons}"
             )
-        model = build_model(self.model_name, self.test_set.input_shape, self.test_set.num_classes)
+        model = build_model(
+            self.model_name, self.test_set.input_shape, self.test_set.num_classes
+        )
         model.load_state_dict(arrays.to_torch_state_dict())
         with torch.no_grad():
             loss, acc = evaluate(model, self.test_set)
@@ -123,8 +125,8 @@ class RoundRecorder:
         elapsed = now - self._t_start
         eta = elapsed / rec.round * (self.num_rounds - rec.round) if rec.round else 0.0
         log.info(
-            "round %3d/%d  acc %.4f  loss %.4f  selected %2d  accepted %2d  flagged %d  "
-            "failed %d  source %-13s  %.2fs  eta %.0fs",
+            "round %3d/%d  acc %.4f  loss %.4f  selected %2d  accepted %2d  "
+            "flagged %d  failed %d  source %-13s  %.2fs  eta %.0fs",
             rec.round,
             self.num_rounds,
             rec.accuracy,

@@ -93,7 +93,9 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, object]:
         d.central_test_fraction,
         cfg.seed,
     )
-    model = build_model(cfg.model.name, central.input_shape, central.num_classes, cfg.seed)
+    model = build_model(
+        cfg.model.name, central.input_shape, central.num_classes, cfg.seed
+    )
     initial = ArrayRecord(model.state_dict())
     strategy = build_strategy(cfg, run_dir)
     if isinstance(strategy, AgentStrategy):

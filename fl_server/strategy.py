@@ -156,7 +156,10 @@ class AgentStrategy(Strategy):
         self._register_nodes(grid)
         self._spec = ModelSpec.of(arrays)
         self._global = np.concatenate(
-            [np.asarray(a, dtype=np.float64).ravel() for a in arrays.to_numpy_ndarrays()]
+            [
+                np.asarray(a, dtype=np.float64).ravel()
+                for a in arrays.to_numpy_ndarrays()
+            ]
         )
         eligible = [c.state for c in self._ordered_clients()]
         limits = self.limits.model_copy(
@@ -200,7 +203,9 @@ class AgentStrategy(Strategy):
             )
             content = RecordDict({"arrays": arrays, "config": cfg})
             messages.append(
-                Message(content, message_type=MessageType.TRAIN, dst_node_id=client.node_id)
+                Message(
+                    content, message_type=MessageType.TRAIN, dst_node_id=client.node_id
+                )
             )
         return messages
 
@@ -215,7 +220,9 @@ class AgentStrategy(Strategy):
         for reply in replies:
             cid = by_node.get(reply.metadata.src_node_id)
             if cid is None or cid not in self.info.selected:
-                log.warning("round %d: reply from unexpected node ignored", server_round)
+                log.warning(
+                    "round %d: reply from unexpected node ignored", server_round
+                )
                 continue
             if reply.has_error():
                 self._fail(cid, f"client error: {reply.error.reason}")
@@ -226,7 +233,9 @@ class AgentStrategy(Strategy):
                 self._fail(cid, f"rejected: {e}")
                 continue
             if checked.partition_id != int(cid[1:]):
-                self._fail(cid, f"rejected: partition-id {checked.partition_id} != {cid}")
+                self._fail(
+                    cid, f"rejected: partition-id {checked.partition_id} != {cid}"
+                )
                 continue
             valid[cid] = checked
         for cid in self.info.selected:
@@ -327,14 +336,18 @@ class AgentStrategy(Strategy):
                     reply.error.reason,
                 )
                 continue
-            metrics = reply.content.metric_records.get("metrics", {})
+            metrics = reply.content.metric_records.get("metrics", MetricRecord())
             pid, n = metrics.get("partition-id"), metrics.get("num-examples")
             if not isinstance(pid, int) or not isinstance(n, int) or pid < 0 or n < 0:
-                log.warning("roll call: node %d sent malformed ids", reply.metadata.src_node_id)
+                log.warning(
+                    "roll call: node %d sent malformed ids", reply.metadata.src_node_id
+                )
                 continue
             cid = f"c{pid}"
             if cid in self.clients:
-                log.warning("roll call: two nodes claim partition %d; keeping the first", pid)
+                log.warning(
+                    "roll call: two nodes claim partition %d; keeping the first", pid
+                )
                 continue
             self.clients[cid] = _Client(
                 node_id=reply.metadata.src_node_id,
@@ -362,7 +375,12 @@ class AgentStrategy(Strategy):
         latency = time.perf_counter() - start
         self.info.sources[obs.phase] = guarded.decision.source
         if guarded.changes:
-            log.info("round %d %s guard: %s", obs.round, obs.phase, "; ".join(guarded.changes))
+            log.info(
+                "round %d %s guard: %s",
+                obs.round,
+                obs.phase,
+                "; ".join(guarded.changes),
+            )
         if self.decision_log is not None:
             entry = {
                 "round": obs.round,
@@ -382,7 +400,9 @@ class AgentStrategy(Strategy):
         self.info.failures[cid] = reason
         self.total_failures += 1
         state = self.clients[cid].state
-        self.clients[cid].state = state.model_copy(update={"failures": state.failures + 1})
+        self.clients[cid].state = state.model_copy(
+            update={"failures": state.failures + 1}
+        )
         log.warning("client %s: %s", cid, reason)
 
     def _require(self, count: int, server_round: int, what: str) -> None:

@@ -58,12 +58,16 @@ def validate_train_reply(content: RecordDict, spec: ModelSpec) -> ValidReply:
     if len(content.array_records) != 1:
         raise InvalidReply(f"expected 1 ArrayRecord, got {len(content.array_records)}")
     if len(content.metric_records) != 1:
-        raise InvalidReply(f"expected 1 MetricRecord, got {len(content.metric_records)}")
+        raise InvalidReply(
+            f"expected 1 MetricRecord, got {len(content.metric_records)}"
+        )
     record = next(iter(content.array_records.values()))
     if tuple(record.keys()) != spec.names:
         missing = set(spec.names) - set(record.keys())
         extra = set(record.keys()) - set(spec.names)
-        raise InvalidReply(f"array keys differ: missing {sorted(missing)}, extra {sorted(extra)}")
+        raise InvalidReply(
+            f"array keys differ: missing {sorted(missing)}, extra {sorted(extra)}"
+        )
     arrays = []
     for name, shape in zip(spec.names, spec.shapes, strict=True):
         try:

@@ -3,8 +3,8 @@
 ``flwr run`` hands the ServerApp and the ClientApp a flat ``UserConfig`` (keys such as
 ``dataset.alpha``) read from ``[tool.flwr.app.config]`` and ``--run-config``; Hydra
 composes the same keys as nested groups from ``conf/``. Both are validated here, by one
-pydantic schema, so that a typo or an out-of-range value fails at start-up with a message
-that names the key and the allowed values or range.
+pydantic schema, so that a typo or an out-of-range value fails at start-up with a
+message that names the key and the allowed values or range.
 """
 
 from __future__ import annotations
@@ -119,8 +119,19 @@ class RunConfig(_Section):
             )
         if self.policy.min_epochs > self.policy.max_epochs:
             raise ValueError("policy.min_epochs must be at most policy.max_epochs")
-        if self.policy.lr_min > self.policy.lr_max:
+        p, t = self.policy, self.train
+        if p.lr_min > p.lr_max:
             raise ValueError("policy.lr_min must be at most policy.lr_max")
+        if not p.lr_min <= t.lr <= p.lr_max:
+            raise ValueError(
+                f"train.lr={t.lr} must be within policy.lr_min..policy.lr_max "
+                f"({p.lr_min}..{p.lr_max}); the guard would clamp it"
+            )
+        if not p.min_epochs <= t.local_epochs <= p.max_epochs:
+            raise ValueError(
+                f"train.local_epochs={t.local_epochs} must be within "
+                f"policy.min_epochs..policy.max_epochs ({p.min_epochs}..{p.max_epochs})"
+            )
         if self.strategy.name == "multikrum" and (
             self.strategy.krum_keep > self.clients_per_round
         ):

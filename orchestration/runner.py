@@ -62,7 +62,9 @@ def run_experiment(cfg: RunConfig, *, verbose: bool = False) -> dict[str, Any]:
     from fl_server.server_app import make_server_app, run_dir_for
 
     run_dir = run_dir_for(cfg)
-    cfg = cfg.model_copy(update={"output_dir": str(run_dir.parent), "run_name": run_dir.name})
+    cfg = cfg.model_copy(
+        update={"output_dir": str(run_dir.parent), "run_name": run_dir.name}
+    )
     log.info(
         "starting %s: %s, %d clients (%d per round), %d rounds, seed %d -> %s",
         cfg.strategy.name,
@@ -93,7 +95,9 @@ def run_experiment(cfg: RunConfig, *, verbose: bool = False) -> dict[str, Any]:
         cause = f"{type(error).__name__}: {error}" if error else "no summary written"
         if error is not None and error.__cause__ is not None:
             cause += f" (caused by {type(error.__cause__).__name__}: {error.__cause__})"
-        raise RunFailedError(f"run failed: {cause}. Partial results in {run_dir}") from error
+        raise RunFailedError(
+            f"run failed: {cause}. Partial results in {run_dir}"
+        ) from error
     summary: dict[str, Any] = json.loads(summary_path.read_text())
     log.info(
         "finished: %s, %d rounds, final accuracy %.4f (from %.4f), wall %.1fs, "

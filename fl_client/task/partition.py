@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sklearn.model_selection import train_test_split
@@ -43,7 +44,7 @@ def make_partitioner(
     alpha: float = 0.5,
     classes_per_client: int = 2,
     seed: int = 0,
-):  # type: ignore[no-untyped-def]
+) -> Any:
     """Return a ``flwr_datasets`` partitioner over a ``label`` column."""
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
@@ -91,7 +92,11 @@ def partition_indices(
             f"{num_partitions} partitions but only {len(labels)} examples to share"
         )
     partitioner = make_partitioner(
-        kind, num_partitions, alpha=alpha, classes_per_client=classes_per_client, seed=seed
+        kind,
+        num_partitions,
+        alpha=alpha,
+        classes_per_client=classes_per_client,
+        seed=seed,
     )
     partitioner.dataset = Dataset.from_dict(
         {"label": labels.astype(np.int64), "pos": np.arange(len(labels))}
@@ -135,6 +140,8 @@ def federated_split(
                 "train and test; use fewer clients or a larger dataset.alpha"
             )
         clients.append(
-            ClientSplit(train=data.subset(rows[n_test:]), test=data.subset(rows[:n_test]))
+            ClientSplit(
+                train=data.subset(rows[n_test:]), test=data.subset(rows[:n_test])
+            )
         )
     return tuple(clients), data.subset(central)

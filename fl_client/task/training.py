@@ -75,7 +75,9 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ArrayDataset, batch_size: int = 512) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, data: ArrayDataset, batch_size: int = 512
+) -> tuple[float, float]:
     """Return ``(loss, accuracy)`` of ``model`` on ``data``."""
     if len(data.y) == 0:
         raise ValueError("no evaluation examples")

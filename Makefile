@@ -1,0 +1,40 @@
+# Two commands for users: `make run` (set up + the default run) and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+# Offline by default: no hub downloads, no price-map fetches, no runtime installs.
+export HF_HUB_OFFLINE ?= 1
+export LITELLM_LOCAL_MODEL_COST_MAP ?= True
+export LITELLM_OFFLINE_MODE ?= true
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION ?= 1
+
+.PHONY: setup run test lint typecheck pytest clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required); set PYTHON=..."; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade "pip>=24"
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install the project with its dev tools
+
+run: $(STAMP)  ## the default run: agent strategy on MNIST-5k, 20 clients, 30 rounds
+	$(PY) -m experiments.run $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+pytest: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+test: lint typecheck pytest  ## lint, type check and the test suite
+
+clean:
+	rm -rf outputs multirun runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Flower ServerApp, the agent strategy, aggregation math and results."""

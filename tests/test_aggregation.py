@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean as flower_trim_mean
+
+from fl_server.aggregation import (
+    coordinate_median,
+    cosine_to,
+    flatten_arrays,
+    l2_norms,
+    trimmed_mean,
+    unflatten_vector,
+    weighted_mean,
+)
+
+
+def test_weighted_mean_known_values() -> None:
+    u = np.array([[1.0, 0.0], [3.0, 4.0]])
+
+    assert weighted_mean(u, np.array([1.0, 3.0])) == pytest.approx([2.5, 3.0])
+
+
+@pytest.mark.parametrize(
+    "weights", [[1.0], [1.0, -1.0], [0.0, 0.0], [np.nan, 1.0], [np.inf, 1.0]]
+)
+def test_weighted_mean_rejects_bad_weights(weights: list[float]) -> None:
+    with pytest.raises(ValueError):
+        weighted_mean(np.ones((2, 3)), np.array(weights))
+
+
+def test_trimmed_mean_matches_flower() -> None:
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(10, 50))
+
+    assert trimmed_mean(u, 0.2) == pytest.approx(flower_trim_mean(u, 0.2))
+
+
+def test_trimmed_mean_ignores_outliers_and_median_too() -> None:
+    u = np.array([[1.0], [1.0], [1.0], [1.0], [1000.0]])
+
+    assert trimmed_mean(u, 0.2)[0] == pytest.approx(1.0)
+    assert coordinate_median(u)[0] == pytest.approx(1.0)
+
+
+def test_norms_and_cosines() -> None:
+    u = np.array([[3.0, 4.0], [-3.0, -4.0], [0.0, 0.0]])
+
+    assert l2_norms(u) == pytest.approx([5.0, 5.0, 0.0])
+    assert cosine_to(u, np.array([3.0, 4.0])) == pytest.approx([1.0, -1.0, 0.0])
+    assert cosine_to(u, np.zeros(2)) == pytest.approx([0.0, 0.0, 0.0])
+
+
+def test_flatten_unflatten_roundtrip() -> None:
+    arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.array([7.0], np.float32)]
+
+    v = flatten_arrays(arrays)
+    back = unflatten_vector(v, [a.shape for a in arrays], [a.dtype for a in arrays])
+
+    assert v.shape == (7,)
+    for a, b in zip(arrays, back, strict=True):
+        assert b.dtype == a.dtype
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError):
+        unflatten_vector(v[:-1], [a.shape for a in arrays], [a.dtype for a in arrays])

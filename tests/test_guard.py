@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import make_aggregate_obs, make_limits, make_train_obs, reply
+
+from agent_strategy import (
+    Allocation,
+    Decision,
+    Flag,
+    GuardError,
+    cap_weights,
+    guard,
+)
+
+
+def _alloc(epochs: int = 1, lr: float = 0.05, deadline: float = 10.0) -> Allocation:
+    return Allocation.model_construct(
+        local_epochs=epochs, lr=lr, compression="none", deadline_s=deadline
+    )
+
+
+@pytest.mark.parametrize(
+    ("selected", "expected_len", "change"),
+    [
+        (("c0", "c0", "c1"), 2, "duplicate"),
+        (("c0", "c99", "c1"), 2, "ineligible"),
+        (("c0", "c1", "c2", "c3", "c4", "c5", "c6"), 5, "truncated"),
+        ((), 2, "topped up"),
+        (("c3",), 2, "topped up"),
+    ],
+)
+def test_selection_is_repaired(
+    selected: tuple[str, ...], expected_len: int, change: str
+) -> None:
+    obs = make_train_obs(n=10, target=5)
+    d = Decision(selected=selected, allocations={c: _alloc() for c in selected})
+
+    g = guard(d, obs)
+
+    assert len(g.decision.selected) == expected_len
+    assert len(set(g.decision.selected)) == expected_len
+    assert set(g.decision.selected) <= {c.id for c in obs.clients}
+    assert any(change in c for c in g.changes)
+
+
+def test_selected_and_flagged_is_dropped() -> None:
+    obs = make_train_obs(n=10, target=5)
+    d = Decision(
+        selected=("c0", "c1", "c2"),
+        allocations={c: _alloc() for c in ("c0", "c1", "c2")},
+        flags=(Flag(id="c1", kind="malicious", reason="x"),),
+    )
+
+    g = guard(d, obs)
+
+    assert "c1" not in g.decision.selected
+    assert any("both selected and flagged" in c for c in g.changes)
+
+
+@pytest.mark.parametrize(
+    ("alloc", "epochs", "lr", "deadline"),
+    [
+        (_alloc(epochs=1000), 5, 0.05, 10.0),
+        (_alloc(lr=float("nan")), 1, 0.05, 10.0),
+        (_alloc(lr=1e9), 1, 0.5, 10.0),
+        (_alloc(lr=1e-12), 1, 1e-4, 10.0),
+        (_alloc(deadline=1e9), 1, 0.05, 10.0),
+        (_alloc(deadline=float("inf")), 1, 0.05, 10.0),
+    ],
+)
+def test_allocations_are_clamped(
+    alloc: Allocation, epochs: int, lr: float, deadline: float
+) -> None:
+    obs = make_train_obs(n=4, target=2)
+    d = Decision.model_construct(
+        selected=("c0", "c1"),
+        allocations={"c0": alloc, "c1": _alloc()},
+        weights={},
+        flags=(),
+        rationale="",
+        source="llm",
+    )
+
+    a = guard(d, obs).decision.allocations["c0"]
+
+    assert (a.local_epochs, a.lr, a.deadline_s) == (epochs, pytest.approx(lr), deadline)
+
+
+def test_missing_allocation_gets_the_default() -> None:
+    obs = make_train_obs(n=4, target=2)
+
+    g = guard(Decision(selected=("c0", "c1")), obs)
+
+    assert g.decision.allocations["c0"].local_epochs == obs.default_epochs
+    assert g.decision.allocations["c0"].lr == obs.default_lr
+
+
+def test_too_few_eligible_clients_is_an_error() -> None:
+    obs = make_train_obs(
+        n=1, target=1, limits=make_limits(min_clients=2, max_clients=2)
+    )
+
+    with pytest.raises(GuardError, match="fewer than the minimum"):
+        guard(Decision(), obs)
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        {"c0": float("nan"), "c1": 1.0, "c2": 1.0},
+        {"c0": -5.0, "c1": 1.0, "c2": 1.0},
+        {"c0": float("inf"), "c1": 1.0, "c2": 1.0},
+        {"c0": 1e300, "c1": 1.0, "c2": 1.0},
+        {"c0": 0.0, "c1": 0.0, "c2": 0.0},
+        {"c7": 1.0},
+    ],
+)
+def test_bad_weights_become_a_safe_distribution(weights: dict[str, float]) -> None:
+    obs = make_aggregate_obs([reply("c0"), reply("c1"), reply("c2")])
+    d = Decision.model_construct(
+        selected=(),
+        allocations={},
+        weights=weights,
+        flags=(),
+        rationale="",
+        source="llm",
+    )
+
+    g = guard(d, obs).decision
+
+    values = list(g.weights.values())
+    assert set(g.weights) == {"c0", "c1", "c2"} or set(g.weights) <= {"c1", "c2"}
+    assert all(math.isfinite(v) and v >= 0 for v in values)
+    assert sum(values) == pytest.approx(1.0)
+    assert max(values) <= 0.5 + 1e-9
+
+
+def test_flags_only_on_replies_and_flagged_get_no_weight() -> None:
+    obs = make_aggregate_obs([reply("c0"), reply("c1"), reply("c2")])
+    d = Decision(
+        weights={"c0": 1.0, "c1": 1.0, "c2": 1.0},
+        flags=(
+            Flag(id="c0", kind="malicious", reason="r"),
+            Flag(id="c9", kind="faulty", reason="r"),
+        ),
+    )
+
+    g = guard(d, obs)
+
+    assert [f.id for f in g.decision.flags] == ["c0"]
+    assert set(g.decision.weights) == {"c1", "c2"}
+
+
+def test_cap_weights_water_filling() -> None:
+    w = cap_weights(np.array([8.0, 1.0, 1.0]), 0.5)
+
+    assert w == pytest.approx([0.5, 0.25, 0.25])
+
+
+def test_cap_weights_infeasible_cap_gives_uniform() -> None:
+    w = cap_weights(np.array([5.0, 1.0]), 0.3)
+
+    assert w == pytest.approx([0.5, 0.5])
+
+
+@pytest.mark.parametrize("bad", [[], [1.0, -1.0], [float("nan")], [0.0, 0.0]])
+def test_cap_weights_rejects_bad_input(bad: list[float]) -> None:
+    with pytest.raises(ValueError):
+        cap_weights(np.array(bad), 0.5)

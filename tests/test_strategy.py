@@ -1,0 +1,171 @@
+"""The agent strategy end to end on the real ClientApp, in process (no Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, Context, Error, Message
+from flwr.clientapp.typing import ClientAppCallable
+from inprocess import InProcessGrid
+
+from agent_strategy import Decision, Observation
+from fl_client.client_app import make_client_app
+from fl_server.server_app import build_strategy, run_server
+from fl_server.strategy import AgentStrategy, RoundFailedError
+from orchestration.config import RunConfig
+
+
+def _cfg(tmp_path: Path, **kw: object) -> RunConfig:
+    flat: dict[str, object] = {
+        "dataset.name": "digits",
+        "model.name": "mlp",
+        "num_clients": 6,
+        "clients_per_round": 4,
+        "num_rounds": 3,
+        "output_dir": str(tmp_path),
+        "run_name": "run",
+        "train.lr": 0.05,
+    }
+    flat.update(kw)
+    return RunConfig.from_flat(flat)
+
+
+def _fail_mod(pids: set[int], kind: str):  # type: ignore[no-untyped-def]
+    def mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
+        pid = int(ctx.node_config["partition-id"])
+        if msg.metadata.message_type != "train" or pid not in pids:
+            return call_next(msg, ctx)
+        if kind == "raise":
+            raise RuntimeError(f"client {pid} crashed")
+        if kind == "error":
+            return Message(
+                Error(code=0, reason=f"client {pid} is broken"), reply_to=msg
+            )
+        reply = call_next(msg, ctx)
+        arrays = reply.content["arrays"]
+        bad = [np.full_like(a, np.nan) for a in arrays.to_numpy_ndarrays()]
+        reply.content["arrays"] = ArrayRecord(bad)
+        return reply
+
+    return mod
+
+
+def _results(cfg: RunConfig) -> list[dict[str, object]]:
+    path = Path(cfg.output_dir) / cfg.run_name / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_agent_run_learns_and_writes_results(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    grid = InProcessGrid(make_client_app(cfg), cfg.num_clients)
+
+    summary = run_server(grid, cfg)
+
+    rows = _results(cfg)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.2
+    assert all(r["selected"] == 4 and r["accepted"] == 4 for r in rows[1:])
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rows[1:])
+    assert summary["final_accuracy"] == rows[-1]["accuracy"]
+    run_dir = tmp_path / "run"
+    assert (run_dir / "model.pt").exists()
+    decisions = [
+        json.loads(x) for x in (run_dir / "decisions.jsonl").read_text().splitlines()
+    ]
+    assert [(d["round"], d["phase"]) for d in decisions] == [
+        (r, p) for r in (1, 2, 3) for p in ("train", "aggregate")
+    ]
+    assert all(d["source"] == "deterministic" for d in decisions)
+
+
+@pytest.mark.parametrize("kind", ["raise", "error", "nan"])
+def test_a_bad_client_is_counted_and_the_round_goes_on(
+    tmp_path: Path, kind: str
+) -> None:
+    cfg = _cfg(tmp_path, clients_per_round=6)
+    grid = InProcessGrid(make_client_app(cfg, mods=[_fail_mod({0}, kind)]), 6)
+
+    run_server(grid, cfg)
+
+    rows = _results(cfg)
+    assert all(r["failures"] == 1 and r["accepted"] == 5 for r in rows[1:])
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"]
+
+
+def test_too_few_replies_stop_the_run_naming_the_failures(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, clients_per_round=6, min_replies=3)
+    grid = InProcessGrid(
+        make_client_app(cfg, mods=[_fail_mod({0, 1, 2, 3}, "raise")]), 6
+    )
+
+    with pytest.raises(RoundFailedError, match=r"round 1: only 2 usable replies.*c0: "):
+        run_server(grid, cfg)
+
+
+class _Raising:
+    name = "raising"
+
+    def decide(self, obs: Observation) -> Decision:
+        raise TimeoutError("the model took too long")
+
+
+class _Lying:
+    name = "lying"
+
+    def decide(self, obs: Observation) -> Decision:
+        return Decision.model_construct(
+            selected=("c99", "c0", "c0"),
+            allocations={},
+            weights={"c0": float("nan"), "c1": -1e9, "c42": 1e30},
+            flags=(),
+            rationale="trust me",
+            source="llm",
+        )
+
+
+def test_a_raising_policy_falls_back_every_round(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    grid = InProcessGrid(make_client_app(cfg), 6)
+    strategy = build_strategy(cfg, tmp_path)
+    assert isinstance(strategy, AgentStrategy)
+    strategy.policy = _Raising()
+
+    arrays = _initial(cfg)
+    strategy.start(grid=grid, initial_arrays=arrays, num_rounds=2)
+
+    assert strategy.total_fallbacks == 4
+    log = [
+        json.loads(x) for x in (tmp_path / "decisions.jsonl").read_text().splitlines()
+    ]
+    assert {d["source"] for d in log} == {"fallback"}
+    assert all("TimeoutError" in d["fallback_reason"] for d in log)
+
+
+def test_a_lying_policy_is_contained_by_the_guard(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    grid = InProcessGrid(make_client_app(cfg), 6)
+    strategy = build_strategy(cfg, tmp_path)
+    assert isinstance(strategy, AgentStrategy)
+    strategy.policy = _Lying()
+
+    result = strategy.start(grid=grid, initial_arrays=_initial(cfg), num_rounds=2)
+
+    vec = np.concatenate([a.ravel() for a in result.arrays.to_numpy_ndarrays()])
+    assert np.all(np.isfinite(vec))
+    log = [
+        json.loads(x) for x in (tmp_path / "decisions.jsonl").read_text().splitlines()
+    ]
+    train = [d for d in log if d["phase"] == "train"]
+    assert all(d["decision"]["selected"][0] == "c0" for d in train)
+    assert all(len(d["decision"]["selected"]) >= cfg.min_replies for d in train)
+    assert all(any("ineligible c99" in c for c in d["guard_changes"]) for d in train)
+
+
+def _initial(cfg: RunConfig) -> ArrayRecord:
+    from fl_client.task import build_model, load_dataset
+
+    d = load_dataset(cfg.dataset.name)
+    return ArrayRecord(build_model(cfg.model.name, d.input_shape, 10).state_dict())

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from fl_server.validation import InvalidReply, ModelSpec, validate_train_reply
+
+GLOBAL = ArrayRecord([np.zeros((2, 3), np.float32), np.zeros(4, np.float32)])
+SPEC = ModelSpec.of(GLOBAL)
+
+
+def _content(arrays: list[np.ndarray] | None = None, **metrics: Any) -> RecordDict:
+    arrays = (
+        arrays
+        if arrays is not None
+        else [np.ones((2, 3), np.float32), np.ones(4, np.float32)]
+    )
+    m: dict[str, Any] = {
+        "num-examples": 10,
+        "train-loss": 0.5,
+        "train-duration": 1.0,
+        "partition-id": 3,
+    }
+    m.update(metrics)
+    m = {k: v for k, v in m.items() if v is not None}
+    return RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(m)})
+
+
+def test_valid_reply_is_flattened() -> None:
+    r = validate_train_reply(_content(), SPEC)
+
+    assert r.vector.shape == (10,)
+    assert (r.num_examples, r.partition_id) == (10, 3)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (
+            _content([np.full((2, 3), np.nan, np.float32), np.ones(4, np.float32)]),
+            "non-finite",
+        ),
+        (
+            _content([np.full((2, 3), np.inf, np.float32), np.ones(4, np.float32)]),
+            "non-finite",
+        ),
+        (_content([np.ones((3, 2), np.float32), np.ones(4, np.float32)]), "shape"),
+        (_content([np.ones((2, 3), np.int64), np.ones(4, np.float32)]), "dtype"),
+        (_content([np.ones((2, 3), np.float32)]), "keys differ"),
+        (_content(**{"num-examples": 0}), "num-examples"),
+        (_content(**{"num-examples": -5}), "num-examples"),
+        (_content(**{"num-examples": 2.5}), "num-examples"),
+        (_content(**{"train-loss": float("nan")}), "train-loss"),
+        (_content(**{"train-duration": -1.0}), "train-duration"),
+        (_content(**{"partition-id": None}), "lack"),
+    ],
+)
+def test_bad_replies_are_rejected_with_a_reason(
+    content: RecordDict, match: str
+) -> None:
+    with pytest.raises(InvalidReply, match=match):
+        validate_train_reply(content, SPEC)
+
+
+def test_two_array_records_are_rejected() -> None:
+    c = _content()
+    c["extra"] = ArrayRecord([np.ones(1, np.float32)])
+
+    with pytest.raises(InvalidReply, match="1 ArrayRecord"):
+        validate_train_reply(c, SPEC)
