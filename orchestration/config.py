@@ -84,7 +84,7 @@ class PolicyConfig(_Section):
 
 
 class RunConfig(_Section):
-    """Everything one run needs; see ``docs/configuration.md`` for each key."""
+    """Everything one run needs; see the README for each key."""
 
     seed: int = Field(0, ge=0)
     num_rounds: int = Field(30, ge=1, le=100_000)

@@ -19,6 +19,7 @@ def _env(flwr_home: Path) -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         PYTHONPATH=str(ROOT),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     return env
 
@@ -101,7 +102,7 @@ def test_a_failing_run_exits_nonzero_with_the_cause(
 def test_flwr_run_with_run_config_overrides(tmp_path: Path, flwr_home: Path) -> None:
     out = tmp_path / "out"
     cmd = [
-        "flwr",
+        str(Path(sys.executable).parent / "flwr"),
         "run",
         ".",
         "--run-config",
