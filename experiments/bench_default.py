@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [
         a / f
         for a, f in zip(
-            pick("agent", "median_round_s"), pick("fedavg", "median_round_s"), strict=True
+            pick("agent", "median_round_s"),
+            pick("fedavg", "median_round_s"),
+            strict=True,
         )
     ]
     summary = {

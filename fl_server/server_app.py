@@ -3,7 +3,8 @@
 The module-level ``app`` reads Flower's run config (``flwr run``);
 :func:`make_server_app` binds an explicit :class:`RunConfig` (programmatic simulation,
 Hydra). Either way the run writes, under its run directory: ``config.json``,
-``results.jsonl`` (one line per round), ``decisions.jsonl`` (agent strategy),
+``environment.json`` (package versions, git revision), ``results.jsonl`` (one line
+per round), ``decisions.jsonl`` (agent strategy),
 ``model.pt`` (the final global model) and ``summary.json``.
 """
 
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import random
+import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -42,6 +45,38 @@ def run_dir_for(cfg: RunConfig) -> Path:
     path = Path(cfg.output_dir).expanduser() / name
     path.mkdir(parents=True, exist_ok=True)
     return path.resolve()
+
+
+def environment() -> dict[str, str]:
+    """Return the versions of the key packages and the git revision of the code."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    info: dict[str, str] = {"python": platform.python_version()}
+    for pkg in ("flwr", "flwr-datasets", "torch", "numpy", "litellm", "hydra-core"):
+        try:
+            info[pkg] = version(pkg)
+        except PackageNotFoundError:
+            info[pkg] = "not installed"
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        info["git_revision"] = rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        info["git_revision"] = "unknown"
+    return info
 
 
 def build_strategy(cfg: RunConfig, run_dir: Path) -> Strategy:
@@ -80,6 +115,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, object]:
     torch.manual_seed(cfg.seed)
     run_dir = run_dir_for(cfg)
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
+    (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
     results_path = run_dir / "results.jsonl"
     results_path.unlink(missing_ok=True)
     d = cfg.dataset

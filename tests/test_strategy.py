@@ -72,6 +72,8 @@ def test_agent_run_learns_and_writes_results(tmp_path: Path) -> None:
     assert summary["final_accuracy"] == rows[-1]["accuracy"]
     run_dir = tmp_path / "run"
     assert (run_dir / "model.pt").exists()
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["flwr"] == "1.42.0" and env["git_revision"]
     decisions = [
         json.loads(x) for x in (run_dir / "decisions.jsonl").read_text().splitlines()
     ]
