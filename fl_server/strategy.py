@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import (
@@ -51,6 +52,18 @@ from .aggregation import (
 from .validation import InvalidReply, ModelSpec, ValidReply, validate_train_reply
 
 log = logging.getLogger("agentfl.strategy")
+
+
+class Telemetry(Protocol):
+    """Optional hooks of an LLM-backed policy (see ``fl_server.policy_setup``)."""
+
+    def record(self, obs: Observation) -> dict[str, Any] | None:
+        """Return the LLM call made for ``obs``, or None."""
+        ...
+
+    def after_aggregate(self, obs: Observation, decision: Decision) -> None:
+        """Observe a finished round."""
+        ...
 
 
 class RoundFailedError(RuntimeError):
@@ -94,6 +107,8 @@ class AgentStrategy(Strategy):
         Answers when ``policy`` raises; a :class:`DeterministicPolicy` by default.
     decision_log : Path, optional
         A JSONL file receiving one line per round and phase.
+    telemetry : Telemetry, optional
+        LLM call records for the decision log, and the round history the LLM sees.
     """
 
     def __init__(
@@ -107,6 +122,7 @@ class AgentStrategy(Strategy):
         lr: float,
         fallback: Policy | None = None,
         decision_log: Path | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if min_replies > clients_per_round:
             raise ValueError("min_replies must be at most clients_per_round")
@@ -118,6 +134,10 @@ class AgentStrategy(Strategy):
         self.local_epochs = local_epochs
         self.lr = lr
         self.decision_log = decision_log
+        self.telemetry = telemetry
+        self.decisions = 0
+        self.llm_latencies: list[float] = []
+        self.fallback_reasons: dict[str, int] = {}
         self.clients: dict[str, _Client] = {}
         self.total_fallbacks = 0
         self.total_failures = 0
@@ -164,7 +184,7 @@ class AgentStrategy(Strategy):
         eligible = [c.state for c in self._ordered_clients()]
         limits = self.limits.model_copy(
             update={
-                "min_clients": min(self.min_replies, len(eligible)),
+                "min_clients": min(self.limits.min_clients, len(eligible)),
                 "max_clients": min(self.clients_per_round, len(eligible)),
             }
         )
@@ -265,12 +285,14 @@ class AgentStrategy(Strategy):
             target_clients=max(len(ids), 1),
             default_epochs=self.local_epochs,
             default_lr=self.lr,
-            limits=self.limits,
+            limits=self.limits.model_copy(update={"min_clients": self.min_replies}),
             clients=tuple(self.clients[c].state for c in ids),
             replies=features,
             last_accuracy=self._last_accuracy,
         )
         decision = self._decide(obs)
+        if self.telemetry is not None:
+            self.telemetry.after_aggregate(obs, decision)
         self.info.flagged = {f.id: f"{f.kind}: {f.reason}" for f in decision.flags}
         accepted = [c for c in ids if c in decision.weights]
         self._require(len(accepted), server_round, "unflagged replies")
@@ -361,19 +383,29 @@ class AgentStrategy(Strategy):
         try:
             raw = self.policy.decide(obs)
         except Exception as e:  # noqa: BLE001 - any policy failure falls back
-            fallback_reason = f"{type(e).__name__}: {e}"
-            log.warning(
-                "round %d %s: policy failed (%s); deterministic fallback answers",
-                obs.round,
-                obs.phase,
-                fallback_reason,
-            )
-            self.total_fallbacks += 1
-            self.info.fallbacks += 1
+            fallback_reason = f"policy raised {type(e).__name__}: {e}"
             raw = self.fallback.decide(obs).model_copy(update={"source": "fallback"})
         guarded = guard(raw, obs)
         latency = time.perf_counter() - start
-        self.info.sources[obs.phase] = guarded.decision.source
+        decision = guarded.decision
+        call = self.telemetry.record(obs) if self.telemetry is not None else None
+        if call is not None:
+            self.llm_latencies.append(float(call["latency_s"]))
+            fallback_reason = fallback_reason or (call.get("fallback_reason") or "")
+        self.decisions += 1
+        if decision.source == "fallback":
+            reason = fallback_reason or "the policy answered with its fallback"
+            kind = reason.split(":", 1)[0]
+            self.fallback_reasons[kind] = self.fallback_reasons.get(kind, 0) + 1
+            self.total_fallbacks += 1
+            self.info.fallbacks += 1
+            log.warning(
+                "round %d %s: fallback to the deterministic policy (%s)",
+                obs.round,
+                obs.phase,
+                reason,
+            )
+        self.info.sources[obs.phase] = decision.source
         if guarded.changes:
             log.info(
                 "round %d %s guard: %s",
@@ -382,19 +414,51 @@ class AgentStrategy(Strategy):
                 "; ".join(guarded.changes),
             )
         if self.decision_log is not None:
-            entry = {
+            entry: dict[str, Any] = {
                 "round": obs.round,
                 "phase": obs.phase,
-                "source": guarded.decision.source,
+                "source": decision.source,
                 "fallback_reason": fallback_reason,
                 "latency_s": round(latency, 6),
-                "rationale": guarded.decision.rationale,
-                "decision": guarded.decision.model_dump(mode="json"),
+                "rationale": decision.rationale,
+                "decision": decision.model_dump(mode="json"),
                 "guard_changes": list(guarded.changes),
             }
+            if call is not None:
+                entry["llm"] = {
+                    k: call[k]
+                    for k in (
+                        "latency_s",
+                        "attempts",
+                        "prompt_tokens",
+                        "completion_tokens",
+                        "cost_usd",
+                        "prompt_sha256",
+                        "response_sha256",
+                        "guard_changes",
+                    )
+                    if k in call
+                }
             with self.decision_log.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(entry) + "\n")
-        return guarded.decision
+        return decision
+
+    def policy_stats(self) -> dict[str, Any]:
+        """Return decision counts, the fallback rate and LLM latency percentiles."""
+        stats: dict[str, Any] = {
+            "decisions": self.decisions,
+            "fallbacks": self.total_fallbacks,
+            "fallback_rate": self.total_fallbacks / self.decisions
+            if self.decisions
+            else 0.0,
+            "fallback_reasons": dict(self.fallback_reasons),
+            "llm_calls": len(self.llm_latencies),
+        }
+        if self.llm_latencies:
+            lat = np.array(self.llm_latencies)
+            stats["llm_latency_p50_s"] = float(np.percentile(lat, 50))
+            stats["llm_latency_p95_s"] = float(np.percentile(lat, 95))
+        return stats
 
     def _fail(self, cid: str, reason: str) -> None:
         self.info.failures[cid] = reason

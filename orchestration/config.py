@@ -21,7 +21,9 @@ ModelName = Literal["cnn", "mlp"]
 StrategyName = Literal[
     "agent", "fedavg", "fedprox", "fedtrimmedavg", "multikrum", "fedmedian"
 ]
-PolicyName = Literal["deterministic"]
+PolicyName = Literal["deterministic", "llm"]
+StructuredMode = Literal["auto", "json_schema", "json_object", "tool", "none"]
+RouteTarget = Literal["llm", "deterministic"]
 
 
 class ConfigError(ValueError):
@@ -71,16 +73,65 @@ class StrategyConfig(_Section):
 class PolicyConfig(_Section):
     """The agent strategy's policy and the hard limits its guard enforces."""
 
-    name: PolicyName = "deterministic"
+    name: PolicyName = Field(
+        "llm", description="llm: the agent (see agent.*); deterministic: no LLM"
+    )
     exploration: float = Field(0.2, ge=0, le=1, description="share of explored slots")
     deadline_s: float = Field(60.0, gt=0, description="slower replies are stragglers")
     min_epochs: int = Field(1, ge=1)
     max_epochs: int = Field(5, ge=1)
-    lr_min: float = Field(1e-4, gt=0)
-    lr_max: float = Field(0.5, gt=0)
+    lr_factor_min: float = Field(
+        0.5, gt=0, le=1, description="guard: lr at least this times train.lr"
+    )
+    lr_factor_max: float = Field(
+        2.0, ge=1, description="guard: lr at most this times train.lr"
+    )
+    min_selection_share: float = Field(
+        0.5, gt=0, le=1, description="guard: select at least this share of the target"
+    )
+    max_staleness: int = Field(
+        5, ge=0, description="guard: clients left out longer are added; 0 = off"
+    )
     max_weight_share: float = Field(
         0.5, gt=0, le=1, description="trust region: largest share one update may get"
     )
+    weight_trust: float = Field(
+        3.0, ge=1, description="trust region: weight <= this x its examples share"
+    )
+
+
+class RouteConfig(_Section):
+    """Which policy answers each decision type when ``policy.name=llm``."""
+
+    selection: RouteTarget = "llm"
+    allocation: RouteTarget = "llm"
+    weighting: RouteTarget = "llm"
+    detection: Literal["union", "llm", "deterministic"] = Field(
+        "union", description="union: the flags of both policies"
+    )
+
+
+class AgentConfig(_Section):
+    """The LLM agent (used when ``policy.name=llm``)."""
+
+    model: str = Field(
+        "local",
+        min_length=1,
+        description="'local' (SmolLM2 served here) or any litellm model string",
+    )
+    api_base: str = Field("", description="OpenAI-compatible endpoint; '' = default")
+    api_key_env: str = Field("", description="environment variable holding the key")
+    timeout_s: float = Field(20.0, gt=0, le=600)
+    max_attempts: int = Field(2, ge=1, le=10)
+    max_calls: int = Field(0, ge=0, description="per run; 0 = no cap")
+    max_tokens: int = Field(0, ge=0, description="per run; 0 = no cap")
+    max_cost_usd: float = Field(0.0, ge=0, description="per run; 0 = no cap")
+    history_len: int = Field(5, ge=0, le=100)
+    max_prompt_chars: int = Field(12_000, ge=1_000)
+    structured: StructuredMode = "auto"
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_answer_tokens: int = Field(800, ge=16)
+    route: RouteConfig = RouteConfig()
 
 
 class RunConfig(_Section):
@@ -104,6 +155,7 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     strategy: StrategyConfig = StrategyConfig()
     policy: PolicyConfig = PolicyConfig()
+    agent: AgentConfig = AgentConfig()
 
     @model_validator(mode="after")
     def _check_cross_field(self) -> RunConfig:
@@ -120,13 +172,6 @@ class RunConfig(_Section):
         if self.policy.min_epochs > self.policy.max_epochs:
             raise ValueError("policy.min_epochs must be at most policy.max_epochs")
         p, t = self.policy, self.train
-        if p.lr_min > p.lr_max:
-            raise ValueError("policy.lr_min must be at most policy.lr_max")
-        if not p.lr_min <= t.lr <= p.lr_max:
-            raise ValueError(
-                f"train.lr={t.lr} must be within policy.lr_min..policy.lr_max "
-                f"({p.lr_min}..{p.lr_max}); the guard would clamp it"
-            )
         if not p.min_epochs <= t.local_epochs <= p.max_epochs:
             raise ValueError(
                 f"train.local_epochs={t.local_epochs} must be within "
@@ -217,5 +262,6 @@ def choices(name: str) -> tuple[str, ...]:
         "model": ModelName,
         "strategy": StrategyName,
         "policy": PolicyName,
+        "structured": StructuredMode,
     }[name]
     return tuple(get_args(literal))

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,15 @@ log = logging.getLogger("agentfl")
 
 OFFLINE_ENV = {
     "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    "LITELLM_OFFLINE_MODE": "true",
     "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "0"),
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_DEDUP_LOGS": "0",
 }
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 class RunFailedError(RuntimeError):
@@ -53,6 +60,10 @@ def run_experiment(cfg: RunConfig, *, verbose: bool = False) -> dict[str, Any]:
     """
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    if threading.current_thread() is threading.main_thread():
+        # Turn SIGTERM into SystemExit so context managers (the local LLM server,
+        # Ray) are cleaned up as on Ctrl-C.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     from flwr.simulation import run_simulation
 
@@ -99,6 +110,20 @@ def run_experiment(cfg: RunConfig, *, verbose: bool = False) -> dict[str, Any]:
             f"run failed: {cause}. Partial results in {run_dir}"
         ) from error
     summary: dict[str, Any] = json.loads(summary_path.read_text())
+    stats = summary.get("policy_stats") or {}
+    if stats.get("llm_calls"):
+        log.info(
+            "agent LLM: %d calls, fallback rate %.1f%% (%s), latency p50 %.2fs p95 "
+            "%.2fs",
+            stats["llm_calls"],
+            100 * stats["fallback_rate"],
+            ", ".join(f"{k} {v}" for k, v in stats["fallback_reasons"].items())
+            or "none",
+            stats["llm_latency_p50_s"],
+            stats["llm_latency_p95_s"],
+        )
+    if summary.get("policy_notice"):
+        log.info("agent notice: %s", summary["policy_notice"])
     log.info(
         "finished: %s, %d rounds, final accuracy %.4f (from %.4f), wall %.1fs, "
         "median round %.2fs, failures %d, fallbacks %d; results in %s",

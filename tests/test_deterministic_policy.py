@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-from conftest import make_aggregate_obs, make_train_obs, reply
+from support.factories import plain_aggregate_obs, plain_train_obs, reply
 
 from agent_strategy import ClientState, DeterministicPolicy, guard
 
 
 def test_selects_target_count_of_unique_eligible_clients() -> None:
-    obs = make_train_obs(n=20, target=10)
+    obs = plain_train_obs(n=20, target=10)
 
     d = DeterministicPolicy(seed=0).decide(obs)
 
@@ -18,7 +18,7 @@ def test_selects_target_count_of_unique_eligible_clients() -> None:
 
 
 def test_same_observation_same_decision_and_seed_matters() -> None:
-    obs = make_train_obs(n=30, target=5)
+    obs = plain_train_obs(n=30, target=5)
 
     a = DeterministicPolicy(seed=1).decide(obs)
     b = DeterministicPolicy(seed=1).decide(obs)
@@ -39,7 +39,7 @@ def test_exploration_prefers_never_selected_clients() -> None:
         )
         for i in range(10)
     )
-    obs = make_train_obs(target=5, round_=4, clients=clients)
+    obs = plain_train_obs(target=5, round_=4, clients=clients)
 
     d = DeterministicPolicy(seed=0, exploration=0.2).decide(obs)
 
@@ -56,7 +56,7 @@ def test_high_loss_clients_are_preferred_over_many_draws() -> None:
         )
         for i in range(20)
     )
-    obs = make_train_obs(target=5, round_=3, clients=clients)
+    obs = plain_train_obs(target=5, round_=3, clients=clients)
     counts = {f"c{i}": 0 for i in range(20)}
 
     for seed in range(40):
@@ -73,7 +73,7 @@ def test_slow_clients_get_fewer_epochs() -> None:
         ClientState(id="c0", num_examples=100, last_loss=1.0, last_duration_s=40.0),
         ClientState(id="c1", num_examples=100, last_loss=1.0, last_duration_s=1.0),
     )
-    obs = make_train_obs(target=2, clients=clients).model_copy(
+    obs = plain_train_obs(target=2, clients=clients).model_copy(
         update={"default_epochs": 4}
     )
 
@@ -84,7 +84,7 @@ def test_slow_clients_get_fewer_epochs() -> None:
 
 
 def test_aggregate_weights_by_examples_and_flags_stragglers() -> None:
-    obs = make_aggregate_obs(
+    obs = plain_aggregate_obs(
         [reply("c0", 100), reply("c1", 300), reply("c2", 50, 99.0)]
     )
 

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import make_aggregate_obs, make_limits, make_train_obs, reply
+from support.factories import limits, plain_aggregate_obs, plain_train_obs, reply
 
 from agent_strategy import (
     Allocation,
@@ -35,7 +35,7 @@ def _alloc(epochs: int = 1, lr: float = 0.05, deadline: float = 10.0) -> Allocat
 def test_selection_is_repaired(
     selected: tuple[str, ...], expected_len: int, change: str
 ) -> None:
-    obs = make_train_obs(n=10, target=5)
+    obs = plain_train_obs(n=10, target=5)
     d = Decision(selected=selected, allocations={c: _alloc() for c in selected})
 
     g = guard(d, obs)
@@ -47,7 +47,7 @@ def test_selection_is_repaired(
 
 
 def test_selected_and_flagged_is_dropped() -> None:
-    obs = make_train_obs(n=10, target=5)
+    obs = plain_train_obs(n=10, target=5)
     d = Decision(
         selected=("c0", "c1", "c2"),
         allocations={c: _alloc() for c in ("c0", "c1", "c2")},
@@ -74,7 +74,7 @@ def test_selected_and_flagged_is_dropped() -> None:
 def test_allocations_are_clamped(
     alloc: Allocation, epochs: int, lr: float, deadline: float
 ) -> None:
-    obs = make_train_obs(n=4, target=2)
+    obs = plain_train_obs(n=4, target=2)
     d = Decision.model_construct(
         selected=("c0", "c1"),
         allocations={"c0": alloc, "c1": _alloc()},
@@ -90,7 +90,7 @@ def test_allocations_are_clamped(
 
 
 def test_missing_allocation_gets_the_default() -> None:
-    obs = make_train_obs(n=4, target=2)
+    obs = plain_train_obs(n=4, target=2)
 
     g = guard(Decision(selected=("c0", "c1")), obs)
 
@@ -99,9 +99,7 @@ def test_missing_allocation_gets_the_default() -> None:
 
 
 def test_too_few_eligible_clients_is_an_error() -> None:
-    obs = make_train_obs(
-        n=1, target=1, limits=make_limits(min_clients=2, max_clients=2)
-    )
+    obs = plain_train_obs(n=1, target=1, limits=limits(min_clients=2, max_clients=2))
 
     with pytest.raises(GuardError, match="fewer than the minimum"):
         guard(Decision(), obs)
@@ -119,7 +117,7 @@ def test_too_few_eligible_clients_is_an_error() -> None:
     ],
 )
 def test_bad_weights_become_a_safe_distribution(weights: dict[str, float]) -> None:
-    obs = make_aggregate_obs([reply("c0"), reply("c1"), reply("c2")])
+    obs = plain_aggregate_obs([reply("c0"), reply("c1"), reply("c2")])
     d = Decision.model_construct(
         selected=(),
         allocations={},
@@ -139,7 +137,7 @@ def test_bad_weights_become_a_safe_distribution(weights: dict[str, float]) -> No
 
 
 def test_flags_only_on_replies_and_flagged_get_no_weight() -> None:
-    obs = make_aggregate_obs([reply("c0"), reply("c1"), reply("c2")])
+    obs = plain_aggregate_obs([reply("c0"), reply("c1"), reply("c2")])
     d = Decision(
         weights={"c0": 1.0, "c1": 1.0, "c2": 1.0},
         flags=(
@@ -170,3 +168,59 @@ def test_cap_weights_infeasible_cap_gives_uniform() -> None:
 def test_cap_weights_rejects_bad_input(bad: list[float]) -> None:
     with pytest.raises(ValueError):
         cap_weights(np.array(bad), 0.5)
+
+
+def test_clients_left_out_too_long_are_added() -> None:
+    from agent_strategy import ClientState
+
+    clients = tuple(
+        ClientState(id=f"c{i}", num_examples=100, last_selected_round=9 if i < 3 else 0)
+        for i in range(6)
+    )
+    obs = plain_train_obs(
+        target=3,
+        round_=10,
+        clients=clients,
+        limits=limits(min_clients=2, max_clients=3, max_staleness=5),
+    )
+    d = Decision(selected=("c0", "c1", "c2"))
+
+    g = guard(d, obs)
+
+    assert set(g.decision.selected) == {"c3", "c4", "c5"}
+    assert any("unselected for over 5 rounds" in c for c in g.changes)
+
+
+def test_flags_must_leave_min_clients_accepted() -> None:
+    obs = plain_aggregate_obs([reply(f"c{i}") for i in range(4)])  # min_clients = 2
+    d = Decision(
+        weights={"c0": 1.0},
+        flags=tuple(
+            Flag(id=f"c{i}", kind="malicious", reason="r") for i in range(1, 4)
+        ),
+    )
+
+    g = guard(d, obs)
+
+    assert len(g.decision.flags) == 2
+    assert len(g.decision.weights) == 2
+    assert any("must stay accepted" in c for c in g.changes)
+
+
+def test_weight_trust_region_is_relative_to_examples() -> None:
+    obs = plain_aggregate_obs(
+        [reply("c0", 10), reply("c1", 100), reply("c2", 100), reply("c3", 100)],
+        limits=limits(weight_trust=2.0, max_weight_share=0.9),
+    )
+    d = Decision(weights={"c0": 1.0, "c1": 0.0, "c2": 0.0, "c3": 0.0})
+
+    w = guard(d, obs).decision.weights
+
+    assert w["c0"] == pytest.approx(2.0 * 10 / 310)
+    assert sum(w.values()) == pytest.approx(1.0)
+
+
+def test_cap_weights_per_entry_caps() -> None:
+    w = cap_weights(np.array([1.0, 0.0, 0.0]), np.array([0.2, 0.5, 0.5]))
+
+    assert w == pytest.approx([0.2, 0.4, 0.4])

@@ -44,6 +44,7 @@ def test_hydra_entry_point_runs_a_real_simulation(
         "num_clients=4",
         "clients_per_round=2",
         "num_rounds=2",
+        "policy=deterministic",
         f"hydra.run.dir={run_dir}",
     ]
 
@@ -107,7 +108,7 @@ def test_flwr_run_with_run_config_overrides(tmp_path: Path, flwr_home: Path) -> 
         ".",
         "--run-config",
         f"num_rounds=2 num_clients=4 clients_per_round=2 output_dir='{out}' "
-        "run_name='r' strategy.name='fedavg'",
+        "run_name='r' strategy.name='fedavg' policy.name='deterministic'",
         "--federation-config",
         "num-supernodes=4",
         "--stream",

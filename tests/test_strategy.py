@@ -28,6 +28,7 @@ def _cfg(tmp_path: Path, **kw: object) -> RunConfig:
         "output_dir": str(tmp_path),
         "run_name": "run",
         "train.lr": 0.05,
+        "policy.name": "deterministic",
     }
     flat.update(kw)
     return RunConfig.from_flat(flat)

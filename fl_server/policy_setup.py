@@ -1,0 +1,148 @@
+"""Build the agent strategy's policy from the run config, and tear it down.
+
+``policy.name=deterministic`` gives the :class:`DeterministicPolicy`.
+``policy.name=llm`` gives a :class:`PolicyRouter` over an :class:`LLMPolicy` (reached
+through litellm) and the deterministic policy, which answers whatever the LLM cannot.
+``agent.model=local`` first starts SmolLM2 on a loopback port (stopped when the run
+ends, also on errors); if the local model is not installed, or the LLM does not answer
+a probe, one clear line says so and the deterministic policy answers instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from agent_strategy import Decision, DeterministicPolicy, Observation, Policy
+from orchestration.config import RunConfig
+
+if TYPE_CHECKING:
+    from agent_strategy.llm import LLMPolicy
+
+log = logging.getLogger("agentfl.policy")
+
+# litellm fetches a price map on import unless told not to; no network here.
+OFFLINE_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true"}
+
+
+class LLMTelemetry:
+    """What the strategy logs about LLM calls, and the history it feeds back."""
+
+    def __init__(self, llm: LLMPolicy) -> None:
+        self.llm = llm
+
+    def record(self, obs: Observation) -> dict[str, Any] | None:
+        """Return the LLM call made for ``obs`` (None if the LLM was not asked)."""
+        call = self.llm.last_call
+        if call is None or call.round != obs.round or call.phase != obs.phase:
+            return None
+        return call.as_dict()
+
+    def after_aggregate(self, obs: Observation, decision: Decision) -> None:
+        """Add the finished round to the history shown in later prompts."""
+        from agent_strategy.llm import RoundSummary
+
+        self.llm.remember(RoundSummary.from_aggregate(obs, decision))
+
+
+@dataclass(frozen=True)
+class PolicySetup:
+    """The policy to use, its fallback, and (for an LLM) its telemetry."""
+
+    policy: Policy
+    fallback: DeterministicPolicy
+    telemetry: LLMTelemetry | None = None
+    notice: str | None = None
+
+
+@contextmanager
+def open_policy(cfg: RunConfig) -> Iterator[PolicySetup]:
+    """Yield the configured policy; stop whatever it started on exit."""
+    det = DeterministicPolicy(seed=cfg.seed, exploration=cfg.policy.exploration)
+    if cfg.policy.name == "deterministic":
+        yield PolicySetup(det, det)
+        return
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    from agent_strategy.llm import (
+        Budget,
+        LLMPolicy,
+        LocalModelServer,
+        LocalServerError,
+        PolicyRouter,
+        local_model_available,
+    )
+
+    a = cfg.agent
+    with ExitStack() as stack:
+        model, api_base, max_chars = a.model, a.api_base or None, a.max_prompt_chars
+        notice: str | None = None
+        if a.model == "local":
+            ok, why = local_model_available()
+            server = None
+            if ok:
+                try:
+                    server = stack.enter_context(LocalModelServer())
+                except LocalServerError as e:
+                    why = f"the local model server did not start: {e}"
+            if server is None:
+                notice = (
+                    f"agent.model=local: {why}; install it with `make setup` (see "
+                    "README). The deterministic policy answers this run."
+                )
+                log.warning("%s", notice)
+                yield PolicySetup(det, det, notice=notice)
+                return
+            model, api_base = server.model, server.api_base
+            max_chars = min(max_chars, server.max_prompt_chars)
+        api_key = None
+        if a.api_key_env:
+            api_key = os.environ.get(a.api_key_env)
+            if not api_key:
+                notice = f"agent.api_key_env={a.api_key_env} is not set"
+        llm = LLMPolicy(
+            model,
+            api_base=api_base,
+            api_key=api_key,
+            fallback=det,
+            timeout_s=a.timeout_s,
+            max_attempts=a.max_attempts,
+            budget=Budget(
+                max_calls=a.max_calls or None,
+                max_tokens=a.max_tokens or None,
+                max_cost_usd=a.max_cost_usd or None,
+            ),
+            history_len=a.history_len,
+            max_prompt_chars=max_chars,
+            mode=None if a.structured == "auto" else a.structured,
+            temperature=a.temperature,
+            max_tokens=a.max_answer_tokens,
+        )
+        error = llm.probe()
+        if error:
+            notice = f"{notice}; {error}" if notice else error
+            log.warning(
+                "agent: LLM unavailable (%s); the deterministic policy answers this "
+                "run, every round logged as a fallback",
+                notice,
+            )
+        else:
+            log.info("agent: LLM %s ready at %s", model, api_base or "its default")
+        route = a.route
+        detection: tuple[str, ...] = (
+            ("deterministic", "llm")
+            if route.detection == "union"
+            else (route.detection,)
+        )
+        router = PolicyRouter(
+            {"llm": llm, "deterministic": det},
+            selection=route.selection,
+            allocation=route.allocation,
+            weighting=route.weighting,
+            detection=detection,
+        )
+        yield PolicySetup(router, det, LLMTelemetry(llm), notice)
