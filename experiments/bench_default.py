@@ -1,4 +1,4 @@
-"""Benchmark: the default run, agent strategy vs Flower's FedAvg, side by side.
+"""Benchmark: the default task, agent strategy vs Flower's FedAvg, side by side.
 
 ``python -m experiments.bench_default --seeds 0 1 2`` runs, for each seed, the default
 configuration with ``strategy=agent`` (deterministic policy) and ``strategy=fedavg``
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                     "seed": seed,
                     "num_rounds": args.rounds,
                     "strategy.name": strategy,
+                    "policy.name": "deterministic",
                     "output_dir": args.runs_dir,
                     "run_name": f"{strategy}-s{seed}",
                 }

@@ -59,7 +59,7 @@ def test_valid_aggregate_answer_is_used_and_capped(openai_stub: OpenAIStub) -> N
     assert math.isclose(sum(decision.weights.values()), 1.0)
     assert decision.weights["c0"] <= obs.limits.max_weight_share + 1e-9
     assert policy.last_call is not None
-    assert any("capped" in c for c in policy.last_call.guard_changes)
+    assert any("trust region" in c for c in policy.last_call.guard_changes)
     assert_obeys_guard(decision, obs)
 
 
