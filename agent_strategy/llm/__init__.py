@@ -8,9 +8,14 @@ never raises and falls back to a deterministic policy), :mod:`.router`
 (:class:`PolicyRouter`, one policy per decision type) and :mod:`.local_server`
 (SmolLM2 served by llama-cpp-python, for runs without internet).
 
-Importing this package imports litellm. Without internet set
-``LITELLM_LOCAL_MODEL_COST_MAP=True`` (and ``HF_HUB_OFFLINE=1``) before the import.
+Importing this package imports litellm. So that the import makes no network attempt,
+``LITELLM_LOCAL_MODEL_COST_MAP=True`` (use the price map bundled with litellm rather
+than fetching one) is set unless the environment already says otherwise.
 """
+
+import os
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from .answer import AggregateAnswer, InvalidAnswer, TrainAnswer, answer_schema
 from .backend import Backend, BackendError, Completion, choose_mode
