@@ -59,6 +59,20 @@ class PolicySetup:
     notice: str | None = None
 
 
+def resolve_route(cfg: RunConfig) -> tuple[str, tuple[str, ...]]:
+    """Return the weighting policy and the detection policies, ``auto`` resolved."""
+    route, local = cfg.agent.route, cfg.agent.model == "local"
+    weighting: str = route.weighting
+    if weighting == "auto":
+        weighting = "deterministic" if local else "llm"
+    detection: str = route.detection
+    if detection == "auto":
+        detection = "deterministic" if local else "union"
+    if detection == "union":
+        return weighting, ("deterministic", "llm")
+    return weighting, (detection,)
+
+
 @contextmanager
 def open_policy(cfg: RunConfig) -> Iterator[PolicySetup]:
     """Yield the configured policy; stop whatever it started on exit."""
@@ -132,17 +146,12 @@ def open_policy(cfg: RunConfig) -> Iterator[PolicySetup]:
             )
         else:
             log.info("agent: LLM %s ready at %s", model, api_base or "its default")
-        route = a.route
-        detection: tuple[str, ...] = (
-            ("deterministic", "llm")
-            if route.detection == "union"
-            else (route.detection,)
-        )
+        weighting, detection = resolve_route(cfg)
         router = PolicyRouter(
             {"llm": llm, "deterministic": det},
-            selection=route.selection,
-            allocation=route.allocation,
-            weighting=route.weighting,
+            selection=a.route.selection,
+            allocation=a.route.allocation,
+            weighting=weighting,
             detection=detection,
         )
         yield PolicySetup(router, det, LLMTelemetry(llm), notice)

@@ -24,6 +24,7 @@ StrategyName = Literal[
 PolicyName = Literal["deterministic", "llm"]
 StructuredMode = Literal["auto", "json_schema", "json_object", "tool", "none"]
 RouteTarget = Literal["llm", "deterministic"]
+AutoRouteTarget = Literal["auto", "llm", "deterministic"]
 
 
 class ConfigError(ValueError):
@@ -101,13 +102,19 @@ class PolicyConfig(_Section):
 
 
 class RouteConfig(_Section):
-    """Which policy answers each decision type when ``policy.name=llm``."""
+    """Which policy answers each decision type when ``policy.name=llm``.
+
+    ``auto`` means the LLM (for detection: the union of both policies' flags), except
+    with ``agent.model=local``: the 135M local model's aggregate-phase answers were
+    invalid in every measured call, so the deterministic policy weights and detects
+    and the local model selects and allocates.
+    """
 
     selection: RouteTarget = "llm"
     allocation: RouteTarget = "llm"
-    weighting: RouteTarget = "llm"
-    detection: Literal["union", "llm", "deterministic"] = Field(
-        "union", description="union: the flags of both policies"
+    weighting: AutoRouteTarget = "auto"
+    detection: Literal["auto", "union", "llm", "deterministic"] = Field(
+        "auto", description="union: the flags of both policies"
     )
 
 

