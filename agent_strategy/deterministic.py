@@ -44,19 +44,29 @@ def system_factor(
 def utilities(obs: Observation) -> np.ndarray:
     """Return each client's selection utility, in ``obs.clients`` order.
 
-    Finite utilities are normalised to ``[0, 1]`` and get Oort's staleness bonus
-    ``sqrt(0.1 * ln(round) / last_selected_round)``; unseen clients keep ``inf``.
+    Finite utilities are :func:`statistical_utility` normalised to ``[0, 1]``, plus
+    Oort's staleness bonus ``sqrt(0.1 * ln(round) / last_selected_round)``, times
+    :func:`system_factor`; unseen clients keep ``inf``. Vectorised over clients.
     """
-    stat = np.array([statistical_utility(c) for c in obs.clients], dtype=float)
-    finite = np.isfinite(stat)
+    cs = obs.clients
+    loss = np.array(
+        [np.nan if c.last_loss is None else c.last_loss for c in cs], dtype=float
+    )
+    examples = np.array([max(c.num_examples, 1) for c in cs], dtype=float)
+    last = np.array([max(c.last_selected_round, 1) for c in cs], dtype=float)
+    dur = np.array(
+        [np.nan if c.last_duration_s is None else c.last_duration_s for c in cs],
+        dtype=float,
+    )
+    finite = np.isfinite(loss)
+    stat = np.where(finite, np.sqrt(examples) * np.maximum(np.nan_to_num(loss), 0), 0.0)
     top = stat[finite].max() if finite.any() else 0.0
-    util = np.where(finite, stat / top if top > 0 else 0.0, np.inf)
-    for i, c in enumerate(obs.clients):
-        if finite[i]:
-            last = max(c.last_selected_round, 1)
-            bonus = math.sqrt(0.1 * math.log(max(obs.round, 1)) / last)
-            util[i] = (util[i] + bonus) * system_factor(c, obs.limits.deadline_s)
-    return util
+    norm = stat / top if top > 0 else np.zeros_like(stat)
+    bonus = np.sqrt(0.1 * np.log(max(obs.round, 1)) / last)
+    deadline = obs.limits.deadline_s
+    late = np.isfinite(dur) & (dur > deadline)
+    factor = np.where(late, (deadline / np.where(late, dur, 1.0)) ** 2, 1.0)
+    return np.where(finite, (norm + bonus) * factor, np.inf)
 
 
 class DeterministicPolicy:
@@ -109,17 +119,17 @@ class DeterministicPolicy:
             range(len(clients)), key=lambda i: (clients[i].last_selected_round, tie[i])
         )
         chosen = by_staleness[:n_explore]
-        rest = [i for i in range(len(clients)) if i not in set(chosen)]
+        explored = set(chosen)
+        rest = [i for i in range(len(clients)) if i not in explored]
 
         # Exploitation, as Oort: candidates are the clients whose utility is at least
         # ``cutoff`` times the k-th best; k of them are drawn without replacement with
         # probability proportional to utility (Gumbel top-k). Unseen clients first.
         util = utilities(obs)
         k = n - len(chosen)
-        unseen = sorted(
-            (i for i in rest if not np.isfinite(util[i])), key=lambda i: tie[i]
-        )
-        seen = [i for i in rest if np.isfinite(util[i])]
+        is_seen = np.isfinite(util)
+        unseen = sorted((i for i in rest if not is_seen[i]), key=lambda i: tie[i])
+        seen = [i for i in rest if is_seen[i]]
         picks = unseen[:k]
         k_seen = k - len(picks)
         if k_seen > 0 and seen:

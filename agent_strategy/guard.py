@@ -85,7 +85,8 @@ def guard(decision: Decision, obs: Observation) -> Guarded:
     Train phase: selected ids are eligible, unique, not flagged, and between
     ``limits.min_clients`` and ``limits.max_clients`` (topped up with the least
     recently selected clients if short); clients left out for more than
-    ``limits.max_staleness`` rounds are added (no client starves); each selected
+    ``limits.max_staleness`` rounds are added, up to half the slots, replacing the
+    policy's last picks if needed (no client starves); each selected
     client has an allocation within the epoch, learning-rate and deadline limits.
     Aggregate phase: flags name replying clients only and leave at least
     ``limits.min_clients`` replies accepted; weights cover exactly the unflagged
@@ -119,8 +120,9 @@ def _guard_train(decision: Decision, obs: Observation) -> Guarded:
     flagged = {f.id for f in flags}
 
     selected: list[str] = []
+    seen: set[str] = set()
     for cid in decision.selected:
-        if cid in selected:
+        if cid in seen:
             changes.append(f"dropped duplicate {cid}")
         elif cid not in eligible_set:
             changes.append(f"dropped ineligible {cid}")
@@ -128,30 +130,35 @@ def _guard_train(decision: Decision, obs: Observation) -> Guarded:
             changes.append(f"dropped {cid}: both selected and flagged")
         else:
             selected.append(cid)
+            seen.add(cid)
     if len(selected) > lim.max_clients:
         changes.append(f"truncated selection {len(selected)} -> {lim.max_clients}")
         selected = selected[: lim.max_clients]
     if lim.max_staleness > 0:
+        # No client starves: the stalest overdue clients get up to half the slots
+        # (so a large federation cannot turn the policy into a round robin).
+        chosen = set(selected)
         overdue = sorted(
             (
                 c
                 for c in obs.clients
                 if c.id not in flagged
-                and c.id not in selected
+                and c.id not in chosen
                 and obs.round - c.last_selected_round > lim.max_staleness
             ),
             key=lambda c: (c.last_selected_round, int(c.id[1:])),
         )
-        if overdue:
-            keep = max(lim.max_clients - len(overdue), 0)
-            added = [c.id for c in overdue[: lim.max_clients]]
-            selected = selected[: min(len(selected), keep)] + added
+        added = [c.id for c in overdue[: max(lim.max_clients // 2, 1)]]
+        if added:
+            keep = min(len(selected), max(lim.max_clients - len(added), 0))
+            selected = selected[:keep] + added
             changes.append(
                 f"added clients unselected for over {lim.max_staleness} rounds: {added}"
             )
     if len(selected) < lim.min_clients:
+        chosen = set(selected)
         by_staleness = sorted(
-            (c for c in obs.clients if c.id not in selected and c.id not in flagged),
+            (c for c in obs.clients if c.id not in chosen and c.id not in flagged),
             key=lambda c: (c.last_selected_round, int(c.id[1:])),
         )
         extra = [c.id for c in by_staleness[: lim.min_clients - len(selected)]]
@@ -213,9 +220,11 @@ def _guard_aggregate(decision: Decision, obs: Observation) -> Guarded:
     keep_flags = max(len(obs.replies) - obs.limits.min_clients, 0)
     if len({f.id for f in flags}) > keep_flags:
         kept: list[Flag] = []
+        kept_ids: set[str] = set()
         for f in flags:
-            if f.id in {k.id for k in kept} or len({k.id for k in kept}) < keep_flags:
+            if f.id in kept_ids or len(kept_ids) < keep_flags:
                 kept.append(f)
+                kept_ids.add(f.id)
         changes.append(
             f"dropped {len(flags) - len(kept)} flag(s): at least "
             f"{obs.limits.min_clients} replies must stay accepted"
