@@ -28,7 +28,7 @@ from flwr.clientapp.typing import Mod
 
 from orchestration.config import RunConfig
 
-from .task import build_model, evaluate, federated_split, train
+from .task import build_model, evaluate, split_for, train
 from .task.partition import ClientSplit
 
 _Num = TypeVar("_Num", int, float)
@@ -54,17 +54,7 @@ def _client_data(cfg: RunConfig, context: Context) -> tuple[int, ClientSplit]:
         )
     if not 0 <= pid < n:
         raise ValueError(f"partition-id={pid} outside 0..{n - 1}")
-    d = cfg.dataset
-    clients, _ = federated_split(
-        d.name,
-        n,
-        d.partitioner,
-        d.alpha,
-        d.classes_per_client,
-        d.client_test_fraction,
-        d.central_test_fraction,
-        cfg.seed,
-    )
+    clients, _ = split_for(cfg)
     return pid, clients[pid]
 
 

@@ -27,7 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from agent_strategy import DeterministicPolicy, Limits
-from fl_client.task import build_model, federated_split
+from fl_client.task import build_model, split_for
 from orchestration.config import RunConfig
 
 from .baselines import build_baseline
@@ -146,17 +146,7 @@ def _run_server(
     (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
     results_path = run_dir / "results.jsonl"
     results_path.unlink(missing_ok=True)
-    d = cfg.dataset
-    _, central = federated_split(
-        d.name,
-        cfg.num_clients,
-        d.partitioner,
-        d.alpha,
-        d.classes_per_client,
-        d.client_test_fraction,
-        d.central_test_fraction,
-        cfg.seed,
-    )
+    _, central = split_for(cfg)
     model = build_model(
         cfg.model.name, central.input_shape, central.num_classes, cfg.seed
     )

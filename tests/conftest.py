@@ -16,10 +16,23 @@ os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
 os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+from collections.abc import Iterator  # noqa: E402
+
 import pytest  # noqa: E402
+from support.openai_stub import OpenAIStub  # noqa: E402
 
 
 @pytest.fixture
 def flwr_home() -> Path:
     """The temporary FLWR_HOME every test runs with."""
     return Path(_FLWR_HOME)
+
+
+@pytest.fixture
+def openai_stub() -> Iterator[OpenAIStub]:
+    """A scripted OpenAI-compatible server on 127.0.0.1, always stopped after."""
+    stub = OpenAIStub().start()
+    try:
+        yield stub
+    finally:
+        stub.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,6 @@ from support.scripted_llm import adversarial, cooperative
 from fl_client.client_app import make_client_app
 from fl_server.server_app import run_server
 from orchestration.config import RunConfig
-
-
-@pytest.fixture
-def stub() -> Iterator[OpenAIStub]:
-    s = OpenAIStub().start()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 def _cfg(tmp_path: Path, name: str, **kw: object) -> RunConfig:
@@ -51,11 +41,11 @@ def _run(cfg: RunConfig) -> tuple[dict[str, object], list[dict[str, object]]]:
 
 
 def test_llm_decisions_take_effect_and_are_logged(
-    tmp_path: Path, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, openai_stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AGENTFL_TEST_KEY", "sk-test")
-    stub.script(cooperative)
-    cfg = _cfg(tmp_path, "coop", **{"agent.api_base": stub.api_base})
+    openai_stub.script(cooperative)
+    cfg = _cfg(tmp_path, "coop", **{"agent.api_base": openai_stub.api_base})
 
     summary, log = _run(cfg)
 
@@ -65,15 +55,17 @@ def test_llm_decisions_take_effect_and_are_logged(
     assert isinstance(stats, dict)
     assert stats["llm_calls"] == 6 and stats["fallback_rate"] == 0.0
     assert "llm_latency_p95_s" in stats
-    assert stub.count >= 7  # the start-up probe plus one request per decision
+    assert openai_stub.count >= 7  # the start-up probe plus one request per decision
 
 
 def test_an_adversarial_llm_cannot_wreck_the_run(
-    tmp_path: Path, stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, openai_stub: OpenAIStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AGENTFL_TEST_KEY", "sk-test")
-    stub.script(adversarial)
-    cfg = _cfg(tmp_path, "adv", **{"agent.api_base": stub.api_base, "num_rounds": 4})
+    openai_stub.script(adversarial)
+    cfg = _cfg(
+        tmp_path, "adv", **{"agent.api_base": openai_stub.api_base, "num_rounds": 4}
+    )
     det = cfg.model_copy(
         update={
             "run_name": "det",

@@ -2,7 +2,13 @@
 
 from .data import DATASETS, ArrayDataset, DatasetUnavailableError, load_dataset
 from .models import MODELS, build_model
-from .partition import ClientSplit, central_split, federated_split, partition_indices
+from .partition import (
+    ClientSplit,
+    central_split,
+    federated_split,
+    partition_indices,
+    split_for,
+)
 from .training import evaluate, train
 
 __all__ = [
@@ -17,5 +23,6 @@ __all__ = [
     "federated_split",
     "load_dataset",
     "partition_indices",
+    "split_for",
     "train",
 ]

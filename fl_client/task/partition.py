@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from orchestration.config import RunConfig
+
 from .data import ArrayDataset, load_dataset
 
 
@@ -145,3 +147,18 @@ def federated_split(
             )
         )
     return tuple(clients), data.subset(central)
+
+
+def split_for(cfg: RunConfig) -> tuple[tuple[ClientSplit, ...], ArrayDataset]:
+    """Return :func:`federated_split` for a run configuration."""
+    d = cfg.dataset
+    return federated_split(
+        d.name,
+        cfg.num_clients,
+        d.partitioner,
+        d.alpha,
+        d.classes_per_client,
+        d.client_test_fraction,
+        d.central_test_fraction,
+        cfg.seed,
+    )
