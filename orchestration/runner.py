@@ -39,14 +39,16 @@ class RunFailedError(RuntimeError):
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Show this project's progress lines; Flower's own logs only if ``verbose``."""
+    """Show this project's progress lines; Flower's and litellm's if ``verbose``."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     root = logging.getLogger("agentfl")
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     root.propagate = False
-    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+    quiet = logging.INFO if verbose else logging.WARNING
+    for name in ("flwr", "LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "httpx"):
+        logging.getLogger(name).setLevel(quiet)
 
 
 def run_experiment(cfg: RunConfig, *, verbose: bool = False) -> dict[str, Any]:
