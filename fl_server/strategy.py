@@ -45,6 +45,7 @@ from agent_strategy import (
 from .aggregation import (
     coordinate_median,
     cosine_to,
+    flatten_arrays,
     l2_norms,
     unflatten_vector,
     weighted_mean,
@@ -175,13 +176,14 @@ class AgentStrategy(Strategy):
         self.info = RoundInfo()
         self._register_nodes(grid)
         self._spec = ModelSpec.of(arrays)
-        self._global = np.concatenate(
-            [
-                np.asarray(a, dtype=np.float64).ravel()
-                for a in arrays.to_numpy_ndarrays()
-            ]
-        )
+        self._global = flatten_arrays(arrays.to_numpy_ndarrays())
         eligible = [c.state for c in self._ordered_clients()]
+        if len(eligible) < self.min_replies:
+            raise RoundFailedError(
+                f"round {server_round}: {len(eligible)} clients answered the roll "
+                f"call, fewer than min_replies={self.min_replies}; are the SuperNodes "
+                "connected and started with a partition-id?"
+            )
         limits = self.limits.model_copy(
             update={
                 "min_clients": min(self.limits.min_clients, len(eligible)),

@@ -172,3 +172,16 @@ def _initial(cfg: RunConfig) -> ArrayRecord:
 
     d = load_dataset(cfg.dataset.name)
     return ArrayRecord(build_model(cfg.model.name, d.input_shape, 10).state_dict())
+
+
+def test_no_client_answering_the_roll_call_is_a_clear_error(tmp_path: Path) -> None:
+    def no_query(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type == "query":
+            raise RuntimeError("no partition here")
+        return call_next(msg, ctx)
+
+    cfg = _cfg(tmp_path)
+    grid = InProcessGrid(make_client_app(cfg, mods=[no_query]), 6)
+
+    with pytest.raises(RoundFailedError, match="0 clients answered the roll call"):
+        run_server(grid, cfg)
