@@ -43,10 +43,15 @@ class LLMTelemetry:
         return call.as_dict()
 
     def after_aggregate(self, obs: Observation, decision: Decision) -> None:
-        """Add the finished round to the history shown in later prompts."""
+        """Add the finished round to the history shown in later prompts.
+
+        When the LLM answered this aggregate phase itself it has already remembered
+        the round; otherwise (weighting routed elsewhere) it is added here.
+        """
         from agent_strategy.llm import RoundSummary
 
-        self.llm.remember(RoundSummary.from_aggregate(obs, decision))
+        if self.record(obs) is None:
+            self.llm.remember(RoundSummary.from_aggregate(obs, decision))
 
 
 @dataclass(frozen=True)

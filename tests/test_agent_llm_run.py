@@ -55,6 +55,12 @@ def test_llm_decisions_take_effect_and_are_logged(
     assert isinstance(stats, dict)
     assert stats["llm_calls"] == 6 and stats["fallback_rate"] == 0.0
     assert "llm_latency_p95_s" in stats
+    last_train = [
+        json.loads(r["messages"][-1]["content"])
+        for r in openai_stub.requests
+        if '"phase":"train"' in r["messages"][-1]["content"]
+    ][-1]
+    assert [row[0] for row in last_train["history"]["rows"]] == [1, 2]  # no repeats
     assert openai_stub.count >= 7  # the start-up probe plus one request per decision
 
 

@@ -101,8 +101,11 @@ class LLMPolicy:
     backoff_s : float
         First retry pause; doubled per attempt.
     max_consecutive_failures : int or None
-        After this many fallbacks in a row the LLM is marked unavailable for the rest
-        of the run; ``None`` never gives up.
+        After this many fallbacks in a row the LLM is paused (a circuit breaker);
+        ``None`` never pauses it.
+    retry_after : int
+        Decisions a paused LLM sits out before it is asked once more; a success
+        closes the breaker, a failure pauses it again.
     temperature, max_tokens
         Passed to the model.
     """
@@ -123,6 +126,7 @@ class LLMPolicy:
         mode: StructuredMode | None = None,
         backoff_s: float = 0.5,
         max_consecutive_failures: int | None = 5,
+        retry_after: int = 10,
         temperature: float = 0.0,
         max_tokens: int = 800,
     ) -> None:
@@ -156,6 +160,8 @@ class LLMPolicy:
         self.calls = 0
         self.fallbacks: Counter[str] = Counter()
         self._consecutive_failures = 0
+        self.retry_after = retry_after
+        self._paused_until: int | None = None
 
     # ------------------------------------------------------------------ public
     @property
@@ -240,6 +246,10 @@ class LLMPolicy:
         changes: tuple[str, ...] = ()
         reason: str | None = None
         try:
+            if self._paused_until is not None and self.calls > self._paused_until:
+                # Half-open breaker: one more try after the pause.
+                self._paused_until = None
+                self.unavailable = None
             if self.unavailable:
                 raise _Fallback(f"unavailable: {self.unavailable}")
             try:
@@ -335,7 +345,13 @@ class LLMPolicy:
                 self.unavailable = (
                     f"{self._consecutive_failures} consecutive failures, last: {reason}"
                 )
-                log.warning("LLM %s disabled: %s", self.backend.model, self.unavailable)
+                self._paused_until = self.calls + self.retry_after
+                log.warning(
+                    "LLM %s paused for %d decisions: %s",
+                    self.backend.model,
+                    self.retry_after,
+                    self.unavailable,
+                )
         log.info("round %d %s: LLM fallback (%s)", obs.round, obs.phase, reason[:300])
         try:
             decision = self.fallback.decide(obs)

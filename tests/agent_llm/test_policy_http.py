@@ -369,6 +369,24 @@ def test_consecutive_failures_disable_the_llm(openai_stub: OpenAIStub) -> None:
     assert policy.unavailable is not None and "2 consecutive" in policy.unavailable
 
 
+def test_a_paused_llm_is_asked_again_and_recovers(openai_stub: OpenAIStub) -> None:
+    openai_stub.script(
+        Reply(content="no json here"),
+        Reply(content="no json"),
+        Reply(content=train_answer()),
+    )
+    policy = stub_policy(
+        openai_stub.api_base, max_consecutive_failures=2, retry_after=3
+    )
+
+    sources = [policy.decide(train_obs()).source for _ in range(7)]
+
+    # 2 failures pause it for 3 decisions, then it is asked again and answers.
+    assert sources == ["fallback"] * 5 + ["llm", "llm"]
+    assert openai_stub.count == 4
+    assert policy.unavailable is None
+
+
 def test_history_reaches_the_prompt(openai_stub: OpenAIStub) -> None:
     openai_stub.script(Reply(content=aggregate_answer()), Reply(content=train_answer()))
     policy = stub_policy(openai_stub.api_base, history_len=3)
