@@ -48,8 +48,20 @@ def weighted_mean(updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def coordinate_median(updates: np.ndarray) -> np.ndarray:
-    """Return the coordinate-wise median of the rows."""
-    return np.asarray(np.median(updates, axis=0))
+    """Return the coordinate-wise median of the rows.
+
+    Same values as ``np.median(updates, axis=0)``; sorting the few rows of each
+    column is about 2.5x faster than NumPy's partition-based median for the
+    (clients x parameters) shapes met here (``experiments/bench_overhead.py``).
+    """
+    n = updates.shape[0]
+    if n == 0:
+        raise ValueError("median of zero updates")
+    ordered = np.sort(updates, axis=0)
+    mid = n // 2
+    if n % 2:
+        return np.asarray(ordered[mid])
+    return np.asarray((ordered[mid - 1] + ordered[mid]) / 2.0)
 
 
 def trimmed_mean(updates: np.ndarray, beta: float) -> np.ndarray:

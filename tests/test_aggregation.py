@@ -63,3 +63,12 @@ def test_flatten_unflatten_roundtrip() -> None:
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError):
         unflatten_vector(v[:-1], [a.shape for a in arrays], [a.dtype for a in arrays])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 10])
+def test_coordinate_median_matches_numpy(rows: int) -> None:
+    u = np.random.default_rng(rows).normal(size=(rows, 33))
+
+    np.testing.assert_allclose(
+        coordinate_median(u), np.median(u, axis=0), rtol=0, atol=0
+    )

@@ -219,3 +219,37 @@ def test_strict_refuses_mixed_num_rounds(
     assert "differ in num_rounds [1, 2]" in (tmp_path / "out" / "report.md").read_text()
     assert strict == 2
     assert "different num_rounds [1, 2]" in capsys.readouterr().err
+
+
+def test_hydra_multirun_layout_is_read_and_grouped(tmp_path: Path) -> None:
+    # As `python -m experiments.run -m ... hydra.sweep.dir=DIR` leaves it: DIR holds
+    # multirun.yaml and one numbered job dir per run, each with .hydra/ and run.log.
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / "multirun.yaml").write_text("hydra: {}\n")
+    job = 0
+    for strategy in ("agent", "fedavg"):
+        for seed in (0, 1, 2):
+            run = write_run(
+                sweep_dir,
+                str(job),
+                accuracies=[0.1, 0.5 + 0.1 * seed],
+                seed=seed,
+                strategy=strategy,
+            )
+            (run / ".hydra").mkdir()
+            for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+                (run / ".hydra" / name).write_text(f"- seed={seed}\n")
+            (run / "run.log").write_text("")
+            job += 1
+    out = tmp_path / "out"
+
+    status = main([str(sweep_dir), "--out", str(out)])
+
+    assert status == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [(g["strategy"], g["seeds"]) for g in report] == [
+        ("agent", [0, 1, 2]),
+        ("fedavg", [0, 1, 2]),
+    ]
+    assert [g["final_accuracy_mean"] for g in report] == pytest.approx([0.6, 0.6])

@@ -1,0 +1,646 @@
+"""Benchmark: server-side time per round, agent strategy vs Flower's FedAvg.
+
+``python -m experiments.bench_overhead [--seeds 0 1] [--rounds 30] [--what-if]``
+
+Runs the default task (MNIST-5k, 20 clients, Dirichlet 0.5, 10 per round; the agent
+with ``policy.name=deterministic``) with ``strategy=agent`` and ``strategy=fedavg``,
+alternating, in this one process, through
+:func:`orchestration.runner.run_experiment`. Flower's simulation runs the ServerApp in
+a thread of this process, so class-level wrappers installed here see every server
+call; no project file is changed. Measured per round ``r``:
+
+* round wall: from entering ``configure_train(r)`` to leaving the centralized
+  evaluation of round ``r`` (the ``RoundRecorder`` call Flower makes after
+  ``aggregate_train``);
+* client time: time inside ``MeteredGrid.send_and_receive`` carrying TRAIN messages
+  (and QUERY messages: the agent's roll call, round 1 only); the metering wrapper's
+  own byte counting is inside it, equal for both strategies;
+* **server time = round wall - client time**: ``configure_train`` and
+  ``aggregate_train`` of the strategy, the centralized evaluation and Flower's own
+  loop (its logging, the empty federated-evaluation round trip);
+* a breakdown of the agent's server time, timing the functions
+  ``fl_server.strategy`` calls (validation and flattening of replies, the update
+  matrix, coordinate median, norms, cosines, observations, policy, guard, decision
+  log, aggregation, ``ArrayRecord`` building), and of FedAvg's.
+
+``--what-if`` adds a third variant per seed: the agent with its coordinate median
+computed by :func:`sorted_median` (one ``np.sort``, the same values), to measure that
+one change without editing ``fl_server``.
+
+Medians pool rounds 2..N of every seed (round 1 carries Ray's warm-up and the roll
+call). Writes ``--out`` (default ``experiments/results/round_overhead.md``) and a
+JSON twin. Target: agent / FedAvg median server time <= 1.05; the exit status is 1
+when it is missed. ``--from-json FILE`` re-renders a report without running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TARGET_RATIO = 1.05
+
+
+@dataclass
+class RoundTimes:
+    """Seconds spent in one round, by part."""
+
+    start: float = 0.0
+    end: float = 0.0
+    configure_s: float = 0.0
+    aggregate_s: float = 0.0
+    evaluate_s: float = 0.0
+    client_s: float = 0.0
+    client_in_configure_s: float = 0.0
+    other_sar_s: float = 0.0
+    parts: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    @property
+    def wall_s(self) -> float:
+        """Round wall time."""
+        return self.end - self.start
+
+    @property
+    def server_s(self) -> float:
+        """Round wall time minus time spent waiting for clients."""
+        return self.wall_s - self.client_s
+
+    @property
+    def strategy_s(self) -> float:
+        """Time inside the strategy's own configure_train and aggregate_train."""
+        return self.configure_s - self.client_in_configure_s + self.aggregate_s
+
+
+class Clock:
+    """Collects :class:`RoundTimes` for the run in progress (server thread only)."""
+
+    def __init__(self) -> None:
+        self.rounds: dict[int, RoundTimes] = {}
+        self.current: RoundTimes | None = None
+        self.in_configure = False
+
+    def reset(self) -> None:
+        """Forget the previous run."""
+        self.rounds, self.current, self.in_configure = {}, None, False
+
+    def begin(self, server_round: int) -> RoundTimes:
+        """Open round ``server_round`` now."""
+        rt = RoundTimes(start=time.perf_counter())
+        self.rounds[server_round] = rt
+        self.current = rt
+        return rt
+
+    def part(self, name: str, seconds: float) -> None:
+        """Add ``seconds`` to the breakdown entry ``name`` of the current round."""
+        if self.current is not None:
+            self.current.parts[name] += seconds
+
+
+CLOCK = Clock()
+
+
+# ------------------------------------------------------------------ instrumentation
+def _timed_part(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            CLOCK.part(name, time.perf_counter() - t0)
+
+    return wrapper
+
+
+def _configure(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(self: Any, server_round: int, *args: Any, **kwargs: Any) -> Any:
+        rt = CLOCK.begin(server_round)
+        CLOCK.in_configure = True
+        try:
+            return fn(self, server_round, *args, **kwargs)
+        finally:
+            CLOCK.in_configure = False
+            rt.configure_s += time.perf_counter() - rt.start
+
+    return wrapper
+
+
+def _aggregate(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            if CLOCK.current is not None:
+                CLOCK.current.aggregate_s += time.perf_counter() - t0
+
+    return wrapper
+
+
+def _send_and_receive(fn: Callable[..., Any]) -> Callable[..., Any]:
+    from flwr.app import MessageType
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, messages: Any, *args: Any, **kwargs: Any) -> Any:
+        msgs = list(messages)
+        client = any(
+            m.metadata.message_type in (MessageType.TRAIN, MessageType.QUERY)
+            for m in msgs
+        )
+        t0 = time.perf_counter()
+        try:
+            return fn(self, msgs, *args, **kwargs)
+        finally:
+            dt = time.perf_counter() - t0
+            rt = CLOCK.current
+            if rt is not None:
+                if client:
+                    rt.client_s += dt
+                    if CLOCK.in_configure:
+                        rt.client_in_configure_s += dt
+                else:
+                    rt.other_sar_s += dt
+
+    return wrapper
+
+
+def _evaluate(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(self: Any, server_round: int, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(self, server_round, *args, **kwargs)
+        finally:
+            t1 = time.perf_counter()
+            rt = CLOCK.rounds.get(server_round)
+            if server_round > 0 and rt is not None:
+                rt.evaluate_s += t1 - t0
+                rt.end = t1
+
+    return wrapper
+
+
+class _NumpyProxy:
+    """``numpy`` for one module, with ``stack`` timed (the update matrix)."""
+
+    def __init__(self, np_module: Any) -> None:
+        self._np = np_module
+        self.stack = _timed_part("update matrix: np.stack (float64)", np_module.stack)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._np, name)
+
+
+def sorted_median(updates: Any) -> Any:
+    """Coordinate median by one ``np.sort`` along the clients axis (what-if).
+
+    Returns the same values as ``np.median(updates, axis=0)`` (the mean of the two
+    middle values for an even count), without ``np.median``'s per-column selection.
+    """
+    import numpy as np
+
+    n = updates.shape[0]
+    ordered = np.sort(updates, axis=0)
+    if n % 2:
+        return ordered[n // 2]
+    return 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
+
+
+WHAT_IF = {"median_by_sort": False}
+
+
+def _median_switch(original: Callable[..., Any]) -> Callable[..., Any]:
+    def median(updates: Any) -> Any:
+        if WHAT_IF["median_by_sort"]:
+            return sorted_median(updates)
+        return original(updates)
+
+    return median
+
+
+@contextmanager
+def instrumented() -> Iterator[None]:
+    """Install the wrappers for the duration of the block; restore on exit.
+
+    The agent's coordinate median goes through a switch: with
+    ``WHAT_IF["median_by_sort"]`` it is :func:`sorted_median` (same values).
+    """
+    import flwr.serverapp.strategy.fedavg as fedavg_mod
+    from flwr.serverapp.strategy import FedAvg
+
+    import agent_strategy.deterministic as det_mod
+    import fl_server.strategy as strat_mod
+    import fl_server.validation as val_mod
+    from fl_server.metering import MeteredGrid
+    from fl_server.results import RoundRecorder
+
+    saved: list[tuple[Any, str, Any]] = []
+
+    def patch(owner: Any, name: str, new: Any) -> None:
+        saved.append((owner, name, owner.__dict__[name]))
+        setattr(owner, name, new)
+
+    agent = strat_mod.AgentStrategy
+    for cls in (agent, FedAvg):
+        patch(cls, "configure_train", _configure(cls.__dict__["configure_train"]))
+        patch(cls, "aggregate_train", _aggregate(cls.__dict__["aggregate_train"]))
+    patch(
+        MeteredGrid,
+        "send_and_receive",
+        _send_and_receive(MeteredGrid.__dict__["send_and_receive"]),
+    )
+    patch(RoundRecorder, "__call__", _evaluate(RoundRecorder.__dict__["__call__"]))
+
+    # Agent breakdown: names fl_server.strategy / validation look up at call time.
+    for name, label in (
+        ("validate_train_reply", "validate replies (decode, checks, flatten)"),
+        ("flatten_arrays", "flatten global model to float64"),
+        ("l2_norms", "update norms"),
+        ("cosine_to", "cosine to median"),
+        ("weighted_mean", "weighted mean"),
+        ("unflatten_vector", "unflatten to arrays"),
+        ("Observation", "build Observation (pydantic)"),
+        ("ReplyFeatures", "build ReplyFeatures (pydantic)"),
+        ("guard", "guard"),
+        ("Array", "build ArrayRecord"),
+        ("ArrayRecord", "build ArrayRecord"),
+        ("ConfigRecord", "build messages"),
+        ("Message", "build messages"),
+    ):
+        patch(strat_mod, name, _timed_part(label, strat_mod.__dict__[name]))
+    patch(
+        val_mod,
+        "flatten_arrays",
+        _timed_part("  of which flatten replies to float64", val_mod.flatten_arrays),
+    )
+    patch(
+        strat_mod,
+        "coordinate_median",
+        _timed_part("coordinate median", _median_switch(strat_mod.coordinate_median)),
+    )
+    patch(strat_mod, "np", _NumpyProxy(strat_mod.np))
+    for name, label in (
+        ("_decide", "_decide (policy + guard + decision log)"),
+        ("_register_nodes", "roll call check (get_node_ids)"),
+        ("_update_states", "update client states (pydantic)"),
+        ("_ordered_clients", "sort clients"),
+    ):
+        patch(agent, name, _timed_part(label, agent.__dict__[name]))
+    patch(
+        det_mod.DeterministicPolicy,
+        "decide",
+        _timed_part("policy.decide", det_mod.DeterministicPolicy.__dict__["decide"]),
+    )
+    # FedAvg breakdown.
+    for name, label in (
+        ("sample_nodes", "fedavg: sample_nodes"),
+        ("aggregate_arrayrecords", "fedavg: aggregate_arrayrecords"),
+    ):
+        patch(fedavg_mod, name, _timed_part(label, fedavg_mod.__dict__[name]))
+    patch(
+        FedAvg,
+        "_check_and_log_replies",
+        _timed_part(
+            "fedavg: _check_and_log_replies", FedAvg.__dict__["_check_and_log_replies"]
+        ),
+    )
+    patch(
+        FedAvg,
+        "_construct_messages",
+        _timed_part("fedavg: build messages", FedAvg.__dict__["_construct_messages"]),
+    )
+    try:
+        yield
+    finally:
+        for owner, name, old in reversed(saved):
+            setattr(owner, name, old)
+
+
+# ---------------------------------------------------------------------- one run
+VARIANTS = {
+    "agent": "agent (deterministic)",
+    "fedavg": "Flower FedAvg",
+    "agent-sorted-median": "what-if: agent, median by np.sort",
+}
+
+
+def run_one(variant: str, seed: int, rounds: int, runs_dir: str) -> dict[str, Any]:
+    """Run one variant (see :data:`VARIANTS`) under the wrappers; return its times."""
+    from orchestration.config import RunConfig
+    from orchestration.runner import run_experiment
+
+    strategy = "fedavg" if variant == "fedavg" else "agent"
+    WHAT_IF["median_by_sort"] = variant == "agent-sorted-median"
+
+    cfg = RunConfig.from_flat(
+        {
+            "seed": seed,
+            "num_rounds": rounds,
+            "strategy.name": strategy,
+            "policy.name": "deterministic",
+            "output_dir": runs_dir,
+            "run_name": f"{variant}-s{seed}",
+        }
+    )
+    CLOCK.reset()
+    load_before = os.getloadavg()[0]
+    try:
+        summary = run_experiment(cfg)
+    finally:
+        WHAT_IF["median_by_sort"] = False
+    got = sorted(CLOCK.rounds)
+    if got != list(range(1, rounds + 1)) or any(
+        CLOCK.rounds[r].end == 0.0 for r in got
+    ):
+        raise RuntimeError(
+            f"{variant} seed {seed}: timed rounds {got}; the wrappers did not see "
+            "every round (is the ServerApp still run in this process?)"
+        )
+    per_round = [
+        {
+            "round": r,
+            "wall_s": rt.wall_s,
+            "client_s": rt.client_s,
+            "server_s": rt.server_s,
+            "strategy_s": rt.strategy_s,
+            "configure_s": rt.configure_s - rt.client_in_configure_s,
+            "aggregate_s": rt.aggregate_s,
+            "evaluate_s": rt.evaluate_s,
+            "other_s": rt.server_s - rt.strategy_s - rt.evaluate_s,
+            "empty_sar_s": rt.other_sar_s,
+            "parts": dict(rt.parts),
+        }
+        for r, rt in sorted(CLOCK.rounds.items())
+    ]
+    return {
+        "variant": variant,
+        "strategy": strategy,
+        "seed": seed,
+        "final_accuracy": summary["final_accuracy"],
+        "wall_s": summary["wall_s"],
+        "loadavg_1m": [load_before, os.getloadavg()[0]],
+        "rounds": per_round,
+    }
+
+
+# ------------------------------------------------------------------------ report
+COLUMNS = (
+    ("server_s", "server ms (wall - clients)"),
+    ("strategy_s", "configure + aggregate ms"),
+    ("configure_s", "configure_train ms"),
+    ("aggregate_s", "aggregate_train ms"),
+    ("evaluate_s", "central evaluation ms"),
+    ("other_s", "Flower loop, rest ms"),
+    ("client_s", "clients (send_and_receive) ms"),
+    ("wall_s", "round wall ms"),
+)
+
+
+def median_of(runs: list[dict[str, Any]], key: str, first: int = 2) -> float:
+    """Median of ``key`` over rounds ``>= first`` of every run."""
+    return statistics.median(
+        row[key] for run in runs for row in run["rounds"] if row["round"] >= first
+    )
+
+
+def median_parts(runs: list[dict[str, Any]], first: int = 2) -> dict[str, float]:
+    """Median seconds per round of every breakdown entry."""
+    rows = [row for run in runs for row in run["rounds"] if row["round"] >= first]
+    names = sorted({n for row in rows for n in row["parts"]})
+    return {
+        n: statistics.median(row["parts"].get(n, 0.0) for row in rows) for n in names
+    }
+
+
+def summarise(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """Medians per strategy, ratios overall and per seed."""
+    by = {
+        v: [r for r in runs if r["variant"] == v]
+        for v in VARIANTS
+        if any(r["variant"] == v for r in runs)
+    }
+    medians = {s: {k: median_of(v, k) for k, _ in COLUMNS} for s, v in by.items()}
+
+    def seed_ratio(variant: str, seed: int, key: str) -> float:
+        mine = [r for r in by[variant] if r["seed"] == seed]
+        base = [r for r in by["fedavg"] if r["seed"] == seed]
+        return median_of(mine, key) / median_of(base, key)
+
+    agents = [v for v in by if v != "fedavg"]
+    # The central evaluation is the same code, model size and test set for every
+    # variant: its spread between runs is machine load. Pool it over all runs.
+    eval_pooled = median_of(runs, "evaluate_s")
+    pooled = {
+        v: statistics.median(
+            row["strategy_s"] + row["other_s"]
+            for run in by[v]
+            for row in run["rounds"]
+            if row["round"] >= 2
+        )
+        + eval_pooled
+        for v in by
+    }
+    return {
+        "evaluate_pooled_s": eval_pooled,
+        "server_pooled_eval_s": pooled,
+        "ratio_server_pooled_eval": {v: pooled[v] / pooled["fedavg"] for v in agents},
+        "medians": medians,
+        "ratio_server": medians["agent"]["server_s"] / medians["fedavg"]["server_s"],
+        "ratio_strategy": medians["agent"]["strategy_s"]
+        / medians["fedavg"]["strategy_s"],
+        "ratio_wall": medians["agent"]["wall_s"] / medians["fedavg"]["wall_s"],
+        "ratios": {
+            v: {k: medians[v][k] / medians["fedavg"][k] for k, _ in COLUMNS}
+            for v in agents
+        },
+        "ratio_per_seed": {
+            v: {
+                seed: {k: seed_ratio(v, seed, k) for k in ("server_s", "strategy_s")}
+                for seed in seeds
+            }
+            for v in agents
+        },
+        "parts": {s: median_parts(v) for s, v in by.items()},
+        "accuracy": {s: [r["final_accuracy"] for r in v] for s, v in by.items()},
+        "loads": [r["loadavg_1m"] for r in runs],
+    }
+
+
+def render(summary: dict[str, Any], seeds: list[int], rounds: int) -> str:
+    """Return the Markdown report."""
+    med = summary["medians"]
+    ratio = summary["ratio_server"]
+    verdict = "meets" if ratio <= TARGET_RATIO else "misses"
+    what_if = "agent-sorted-median" in med
+    lines = [
+        "# Round overhead: server-side time per round, agent vs Flower FedAvg",
+        "",
+        f"Default task (MNIST-5k, CNN, 20 clients, Dirichlet 0.5, 10 per round, "
+        f"{rounds} rounds), agent with `policy.name=deterministic` vs Flower's "
+        f"FedAvg, seeds {', '.join(map(str, seeds))}, alternating in one process on "
+        "this 2-core machine. Server time per round = round wall (entering "
+        "`configure_train` to leaving the centralized evaluation) minus the time "
+        "inside `MeteredGrid.send_and_receive` for TRAIN (and the agent's round-1 "
+        "QUERY) messages, i.e. the strategy's `configure_train` + `aggregate_train`, "
+        "the centralized evaluation (same code and test set for both) and Flower's "
+        "round loop. Medians in milliseconds over rounds 2.."
+        f"{rounds} of every seed ({len(seeds) * (rounds - 1)} rounds per strategy).",
+        "",
+        "| strategy | " + " | ".join(label for _, label in COLUMNS) + " |",
+        "|---|" + "---|" * len(COLUMNS),
+    ]
+    for v, name in VARIANTS.items():
+        if v not in med:
+            continue
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{1e3 * med[v][k]:.1f}" for k, _ in COLUMNS)
+            + " |"
+        )
+    for v, r in summary["ratios"].items():
+        lines.append(
+            f"| {VARIANTS[v]} / FedAvg | "
+            + " | ".join(f"{r[k]:.3f}" for k, _ in COLUMNS)
+            + " |"
+        )
+    per_seed = summary["ratio_per_seed"]["agent"]
+    extra = med["agent"]["strategy_s"] - med["fedavg"]["strategy_s"]
+    pooled = summary["ratio_server_pooled_eval"]
+    lines += [
+        "",
+        f"**Agent / FedAvg median server time per round: {ratio:.3f}** (target <= "
+        f"{TARGET_RATIO}; {verdict} it). Per seed: "
+        + ", ".join(f"seed {k} {v['server_s']:.3f}" for k, v in per_seed.items())
+        + ". Strategy code alone (configure + aggregate): "
+        f"{summary['ratio_strategy']:.2f}x, {1e3 * extra:.1f} ms "
+        "more per round. Final accuracy: agent "
+        + ", ".join(f"{a:.4f}" for a in summary["accuracy"]["agent"])
+        + "; FedAvg "
+        + ", ".join(f"{a:.4f}" for a in summary["accuracy"]["fedavg"])
+        + ".",
+        "",
+        "The central evaluation is the same code, model and test set for both, so "
+        "its difference between runs is load on this shared machine; with it "
+        f"pooled over all runs ({1e3 * summary['evaluate_pooled_s']:.1f} ms) the "
+        f"ratio is **{pooled['agent']:.3f}** (agent "
+        f"{1e3 * summary['server_pooled_eval_s']['agent']:.1f} ms, FedAvg "
+        f"{1e3 * summary['server_pooled_eval_s']['fedavg']:.1f} ms).",
+    ]
+    if what_if:
+        w = summary["ratios"]["agent-sorted-median"]
+        w_seed = summary["ratio_per_seed"]["agent-sorted-median"]
+        lines += [
+            "",
+            "What-if (same process, same seeds): the agent with its coordinate "
+            "median computed by one `np.sort` along the clients axis "
+            "(`sorted_median` here; the same values as `np.median(axis=0)`), all "
+            f"else unchanged: server time ratio **{w['server_s']:.3f}** (per seed: "
+            + ", ".join(f"{w_seed[k]['server_s']:.3f}" for k in w_seed)
+            + f"; {pooled['agent-sorted-median']:.3f} with the evaluation pooled), "
+            f"strategy code {w['strategy_s']:.2f}x FedAvg's.",
+        ]
+    loads = [x for r in summary["loads"] for x in r]
+    lines += [
+        "",
+        f"Machine load (1-minute load average at the start and end of each run): "
+        f"{min(loads):.2f} to {max(loads):.2f} on 2 cores (2 Ray workers train "
+        "during each round).",
+        "",
+        "## Where the server time goes (median ms per round)",
+        "",
+        "| strategy | part | median ms |",
+        "|---|---|---|",
+    ]
+    for v, parts in summary["parts"].items():
+        for name, t in sorted(parts.items(), key=lambda kv: -kv[1]):
+            if (v == "fedavg") != name.startswith("fedavg"):
+                continue
+            lines.append(f"| {VARIANTS[v]} | {name} | {1e3 * t:.2f} |")
+    lines += [
+        "",
+        "Parts are medians of each part separately (they need not add up to the "
+        "medians above); nested parts are included in their parent (`_decide` holds "
+        "`policy.decide` and `guard`; `validate replies` holds the flattening of "
+        "replies). Each wrapper adds about a microsecond per call.",
+        "",
+        f"Reproduce: `python -m experiments.bench_overhead --seeds "
+        f"{' '.join(map(str, seeds))} --rounds {rounds}"
+        + (" --what-if`" if what_if else "`"),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write its report; return the exit status."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--runs-dir", default="runs/bench_overhead")
+    ap.add_argument("--out", default="experiments/results/round_overhead.md")
+    ap.add_argument(
+        "--what-if",
+        action="store_true",
+        help="also run the agent with its coordinate median computed by one np.sort "
+        "(same values), to measure that one change",
+    )
+    ap.add_argument(
+        "--from-json",
+        type=Path,
+        help="re-render the report from a previous run's JSON (no new runs)",
+    )
+    args = ap.parse_args(argv)
+    if args.from_json is not None:
+        runs = json.loads(args.from_json.read_text())["runs"]
+        seeds = sorted({int(r["seed"]) for r in runs})
+        rounds = max(row["round"] for r in runs for row in r["rounds"])
+        return _write(runs, seeds, rounds, Path(args.out))
+    if args.rounds < 2:
+        ap.error("--rounds must be at least 2 (round 1 is left out of the medians)")
+
+    variants = ["agent", "fedavg"] + (["agent-sorted-median"] if args.what_if else [])
+    runs = []
+    with instrumented():
+        for seed in args.seeds:
+            for variant in variants:
+                runs.append(run_one(variant, seed, args.rounds, args.runs_dir))
+    return _write(runs, args.seeds, args.rounds, Path(args.out))
+
+
+def _rounded(value: Any) -> Any:
+    """``value`` with every float rounded to the microsecond (for the JSON file)."""
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def _write(runs: list[dict[str, Any]], seeds: list[int], rounds: int, out: Path) -> int:
+    summary = summarise(runs, seeds)
+    text = render(summary, seeds, rounds)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(
+        json.dumps({"summary": summary, "runs": _rounded(runs)}, indent=1)
+    )
+    print(text)
+    return 0 if summary["ratio_server"] <= TARGET_RATIO else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
