@@ -10,11 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def flatten_arrays(arrays: list[np.ndarray]) -> np.ndarray:
-    """Concatenate arrays into one float64 vector."""
+def flatten_arrays(
+    arrays: list[np.ndarray], dtype: type[np.floating] = np.float32
+) -> np.ndarray:
+    """Concatenate arrays into one vector of ``dtype`` (float32: the models' own)."""
     if not arrays:
-        return np.zeros(0)
-    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
+        return np.zeros(0, dtype=dtype)
+    return np.concatenate([np.asarray(a, dtype=dtype).ravel() for a in arrays])
 
 
 def unflatten_vector(
@@ -44,7 +46,8 @@ def weighted_mean(updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
         raise ValueError(f"{updates.shape[0]} updates but weights of shape {w.shape}")
     if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise ValueError("weights must be finite, non-negative, with a positive sum")
-    return np.asarray((w / w.sum()) @ updates)
+    # Weights in the updates' dtype: a float64 vector would upcast (copy) the matrix.
+    return np.asarray((w / w.sum()).astype(updates.dtype) @ updates)
 
 
 def coordinate_median(updates: np.ndarray) -> np.ndarray:

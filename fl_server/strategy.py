@@ -301,7 +301,8 @@ class AgentStrategy(Strategy):
         self.info.accepted = accepted
         rows = [ids.index(c) for c in accepted]
         weights = np.array([decision.weights[c] for c in accepted])
-        new_global = self._global + weighted_mean(updates[rows], weights)
+        kept = updates if len(rows) == len(ids) else updates[rows]
+        new_global = self._global + weighted_mean(kept, weights)
         self._update_states(valid, set(accepted), set(self.info.flagged))
 
         new_arrays = unflatten_vector(
