@@ -88,8 +88,9 @@ def guard(decision: Decision, obs: Observation) -> Guarded:
     ``limits.max_staleness`` rounds are added, up to half the slots, replacing the
     policy's last picks if needed (no client starves); each selected
     client has an allocation within the epoch, learning-rate and deadline limits.
-    Aggregate phase: flags name replying clients only and leave at least
-    ``limits.min_clients`` replies accepted; weights cover exactly the unflagged
+    Aggregate phase: flags name replying clients only, leave at least
+    ``limits.min_clients`` replies accepted and flag at most ``max_flag_share`` of
+    them; weights cover exactly the unflagged
     replies, are finite and non-negative (examples-based if none are usable), sum to
     1, and none exceeds ``max_weight_share`` or ``weight_trust`` times its share of
     the examples.
@@ -217,7 +218,10 @@ def _guard_aggregate(decision: Decision, obs: Observation) -> Guarded:
         elif (f.id, f.kind) not in seen:
             seen.add((f.id, f.kind))
             flags.append(f)
-    keep_flags = max(len(obs.replies) - obs.limits.min_clients, 0)
+    keep_flags = min(
+        max(len(obs.replies) - obs.limits.min_clients, 0),
+        int(obs.limits.max_flag_share * len(obs.replies)),
+    )
     if len({f.id for f in flags}) > keep_flags:
         kept: list[Flag] = []
         kept_ids: set[str] = set()
@@ -227,7 +231,8 @@ def _guard_aggregate(decision: Decision, obs: Observation) -> Guarded:
                 kept_ids.add(f.id)
         changes.append(
             f"dropped {len(flags) - len(kept)} flag(s): at least "
-            f"{obs.limits.min_clients} replies must stay accepted"
+            f"{obs.limits.min_clients} replies and "
+            f"{1 - obs.limits.max_flag_share:.0%} of them must stay accepted"
         )
         flags = kept
     flagged = {f.id for f in flags}

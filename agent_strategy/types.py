@@ -74,6 +74,9 @@ class Limits(_Frozen):
     max_staleness: int = Field(
         0, ge=0, description="clients unselected for more rounds are added; 0 = off"
     )
+    max_flag_share: float = Field(
+        1.0, gt=0, le=1, description="largest share of a round's replies flagged"
+    )
 
 
 class Observation(_Frozen):

@@ -189,41 +189,48 @@ def overhead(seed: int, rounds: int) -> None:
     _write("overhead", lines, {"llm": llm, "deterministic": det, "ratio": ratio})
 
 
-def adversarial(seed: int, rounds: int) -> None:
+def adversarial(seeds: list[int], rounds: int) -> None:
     """Run the default job against an adversarial loopback LLM and deterministic."""
     sys.path.insert(0, str(ROOT / "tests"))
     from support.openai_stub import OpenAIStub
     from support.scripted_llm import adversarial as adversary
 
     os.environ["AGENTFL_BENCH_KEY"] = "sk-bench"
-    with OpenAIStub() as stub:
-        stub.script(adversary)
-        adv = run_experiment(
-            _cfg(
-                seed,
-                rounds,
-                f"adversarial-s{seed}",
-                **{
-                    "policy.name": "llm",
-                    "agent.model": "openai/adversary",
-                    "agent.api_base": stub.api_base,
-                    "agent.api_key_env": "AGENTFL_BENCH_KEY",
-                },
+    lines, data, gaps = list(HEADER), {}, []
+    for seed in seeds:
+        with OpenAIStub() as stub:
+            stub.script(adversary)
+            adv = run_experiment(
+                _cfg(
+                    seed,
+                    rounds,
+                    f"adversarial-s{seed}",
+                    **{
+                        "policy.name": "llm",
+                        "agent.model": "openai/adversary",
+                        "agent.api_base": stub.api_base,
+                        "agent.api_key_env": "AGENTFL_BENCH_KEY",
+                    },
+                )
             )
+        det = run_experiment(
+            _cfg(seed, rounds, f"det-adv-s{seed}", **{"policy.name": "deterministic"})
         )
-    det = run_experiment(
-        _cfg(seed, rounds, f"det-adv-s{seed}", **{"policy.name": "deterministic"})
-    )
-    gap = det["final_accuracy"] - adv["final_accuracy"]
-    lines = [
-        *HEADER,
-        _row("adversarial LLM", adv),
-        _row("deterministic", det),
+        gap = det["final_accuracy"] - adv["final_accuracy"]
+        gaps.append(gap)
+        lines += [
+            _row(f"adversarial LLM, seed {seed}", adv),
+            _row(f"deterministic, seed {seed}", det),
+        ]
+        data[str(seed)] = {"adversarial": adv, "deterministic": det, "gap": gap}
+    lines += [
         "",
-        f"Accuracy gap deterministic - adversarial: {100 * gap:.2f} points "
-        f"(target <= 2; seed {seed}, {rounds} rounds).",
+        "Accuracy gap deterministic - adversarial, same seed: "
+        + ", ".join(f"{100 * g:.2f}" for g in gaps)
+        + f" points (mean {100 * statistics.mean(gaps):.2f}, max "
+        f"{100 * max(gaps):.2f}; target <= 2; {rounds} rounds).",
     ]
-    _write("adversarial", lines, {"adversarial": adv, "deterministic": det, "gap": gap})
+    _write("adversarial", lines, data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "--part", choices=["latency", "overhead", "adversarial"], required=True
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="adversarial")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
@@ -241,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.part == "overhead":
         overhead(args.seed, args.rounds)
     else:
-        adversarial(args.seed, args.rounds)
+        adversarial(args.seeds or [args.seed], args.rounds)
     return 0
 
 

@@ -105,6 +105,7 @@ def build_strategy(
         deadline_s=p.deadline_s,
         weight_trust=p.weight_trust,
         max_staleness=p.max_staleness,
+        max_flag_share=p.max_flag_share,
     )
     if setup is None:
         det = DeterministicPolicy(seed=cfg.seed, exploration=p.exploration)

@@ -93,6 +93,9 @@ class PolicyConfig(_Section):
     max_staleness: int = Field(
         5, ge=0, description="guard: clients left out longer are added; 0 = off"
     )
+    max_flag_share: float = Field(
+        0.5, gt=0, le=1, description="guard: largest share of replies flagged a round"
+    )
     max_weight_share: float = Field(
         0.5, gt=0, le=1, description="trust region: largest share one update may get"
     )

@@ -225,3 +225,20 @@ def test_cap_weights_per_entry_caps() -> None:
     w = cap_weights(np.array([1.0, 0.0, 0.0]), np.array([0.2, 0.5, 0.5]))
 
     assert w == pytest.approx([0.2, 0.4, 0.4])
+
+
+def test_flag_share_caps_how_many_replies_can_be_dropped() -> None:
+    obs = plain_aggregate_obs(
+        [reply(f"c{i}") for i in range(6)], limits=limits(max_flag_share=0.5)
+    )
+    d = Decision(
+        weights={"c0": 1.0},
+        flags=tuple(
+            Flag(id=f"c{i}", kind="malicious", reason="r") for i in range(1, 6)
+        ),
+    )
+
+    g = guard(d, obs)
+
+    assert len(g.decision.flags) == 3
+    assert len(g.decision.weights) == 3
