@@ -11,8 +11,6 @@ no weight.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .types import (
@@ -24,29 +22,14 @@ from .types import (
 )
 
 
-def statistical_utility(client: ClientState) -> float:
-    """Return ``sqrt(n) * loss`` for a seen client and ``inf`` for a new one."""
-    if client.last_loss is None or not math.isfinite(client.last_loss):
-        return math.inf
-    return math.sqrt(max(client.num_examples, 1)) * max(client.last_loss, 0.0)
-
-
-def system_factor(
-    client: ClientState, deadline_s: float, penalty: float = 2.0
-) -> float:
-    """Return ``(deadline / duration) ** penalty`` for clients that overran, else 1."""
-    d = client.last_duration_s
-    if d is None or d <= deadline_s:
-        return 1.0
-    return float((deadline_s / d) ** penalty)
-
-
 def utilities(obs: Observation) -> np.ndarray:
     """Return each client's selection utility, in ``obs.clients`` order.
 
-    Finite utilities are :func:`statistical_utility` normalised to ``[0, 1]``, plus
-    Oort's staleness bonus ``sqrt(0.1 * ln(round) / last_selected_round)``, times
-    :func:`system_factor`; unseen clients keep ``inf``. Vectorised over clients.
+    A seen client's statistical utility ``sqrt(examples) * last_loss`` is normalised
+    to ``[0, 1]``, Oort's staleness bonus ``sqrt(0.1 * ln(round) /
+    last_selected_round)`` is added, and the sum is multiplied by
+    ``(deadline / duration) ** 2`` if its last round overran the deadline; clients
+    never seen (no finite loss) get ``inf``. Vectorised over clients.
     """
     cs = obs.clients
     loss = np.array(

@@ -24,17 +24,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from experiments.bench_scale import TreePeak, memory_of, mib, process_tree
+from experiments.bench_scale import (
+    TreePeak,
+    memory_of,
+    mib,
+    process_tree,
+    run_sampled,
+)
 
 MIB = 2**20
 
@@ -83,31 +86,9 @@ def measure(
         f"+experiment={preset}",
         f"hydra.run.dir={run_dir}",
     ]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    box: dict[str, Any] = {}
-    sampler = threading.Thread(
-        target=lambda: box.setdefault("sample", sample(proc, interval))
-    )
-    sampler.start()
-    error = ""
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        out, _ = proc.communicate()
-        error = f"timed out after {timeout:.0f}s"
-    wall = time.perf_counter() - t0
-    sampler.join()
-    peak, by_name = box.get("sample", (TreePeak(), {}))
-    if proc.returncode != 0 and not error:
-        error = f"exit status {proc.returncode}: {out[-2000:]}"
+    run = run_sampled(cmd, lambda p: sample(p, interval), timeout)
+    out, wall, error = run.out, run.wall_s, run.error
+    peak, by_name = run.sample or (TreePeak(), {})
     runs_dir.mkdir(parents=True, exist_ok=True)
     (runs_dir / f"{preset}.log").write_text(out)
     summary_file = run_dir / "summary.json"

@@ -27,10 +27,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -112,6 +114,49 @@ def sample_until_done(proc: subprocess.Popen[str], interval: float) -> TreePeak:
     return peak
 
 
+@dataclass
+class SampledRun(Generic[T]):
+    """A child process run to completion while a sampler watched it."""
+
+    out: str
+    wall_s: float
+    sample: T | None
+    error: str
+
+
+def run_sampled(
+    cmd: list[str], sample: Callable[[subprocess.Popen[str]], T], timeout: float
+) -> SampledRun[T]:
+    """Run ``cmd`` in its own session while ``sample(proc)`` runs in a thread.
+
+    The child is stopped (SIGTERM to its process group) after ``timeout`` seconds;
+    a timeout or a non-zero exit status is reported in ``error``.
+    """
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    box: dict[str, T] = {}
+    sampler = threading.Thread(target=lambda: box.setdefault("s", sample(proc)))
+    sampler.start()
+    error = ""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate()
+        error = f"timed out after {timeout:.0f}s"
+    wall = time.perf_counter() - t0
+    sampler.join()
+    if proc.returncode != 0 and not error:
+        error = f"exit status {proc.returncode}: {out[-2000:]}"
+    return SampledRun(out, wall, box.get("s"), error)
+
+
 # ----------------------------------------------------------------------- one size
 def overrides(
     num_clients: int, rounds: int, runs_dir: str, policy: str
@@ -156,35 +201,13 @@ def measure(
     flat = overrides(num_clients, rounds, runs_dir, policy)
     name = run_name(num_clients, policy)
     cmd = [sys.executable, "-m", "experiments.bench_scale", "--child", json.dumps(flat)]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    result: dict[str, Any] = {}
-    peak = TreePeak()
-    sampler = threading.Thread(
-        target=lambda: result.setdefault("peak", sample_until_done(proc, interval))
-    )
-    sampler.start()
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        out, _ = proc.communicate()
-        result["error"] = f"timed out after {timeout:.0f}s"
-    wall = time.perf_counter() - t0
-    sampler.join()
-    peak = result.get("peak", peak)
+    run = run_sampled(cmd, lambda p: sample_until_done(p, interval), timeout)
+    out, wall = run.out, run.wall_s
+    peak = run.sample or TreePeak()
     summary: dict[str, Any] = {}
     for line in out.splitlines():
         if line.startswith("SUMMARY "):
             summary = json.loads(line[len("SUMMARY ") :])
-    if proc.returncode != 0 and "error" not in result:
-        result["error"] = f"exit status {proc.returncode}: {out[-2000:]}"
     log_file = Path(runs_dir) / f"{name}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log_file.write_text(out)
@@ -215,7 +238,7 @@ def measure(
         "peak_processes": peak.processes,
         "samples": peak.samples,
         "process_names": sorted(peak.names),
-        "error": result.get("error", ""),
+        "error": run.error,
         "log": str(log_file),
         "tail": out[-1500:],
     }

@@ -25,9 +25,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("agentfl.policy")
 
-# litellm fetches a price map on import unless told not to; no network here.
-OFFLINE_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_OFFLINE_MODE": "true"}
-
 
 class LLMTelemetry:
     """What the strategy logs about LLM calls, and the history it feeds back."""
@@ -85,9 +82,7 @@ def open_policy(cfg: RunConfig) -> Iterator[PolicySetup]:
     if cfg.policy.name == "deterministic":
         yield PolicySetup(det, det)
         return
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
-    from agent_strategy.llm import (
+    from agent_strategy.llm import (  # sets litellm's offline variables first
         Budget,
         LLMPolicy,
         LocalModelServer,

@@ -21,10 +21,8 @@ from .config import RunConfig
 
 log = logging.getLogger("agentfl")
 
+# litellm's offline variables are set by agent_strategy.llm, which imports litellm.
 OFFLINE_ENV = {
-    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-    "LITELLM_OFFLINE_MODE": "true",
-    "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "0"),
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_DEDUP_LOGS": "0",
 }

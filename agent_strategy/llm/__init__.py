@@ -10,12 +10,14 @@ never raises and falls back to a deterministic policy), :mod:`.router`
 
 Importing this package imports litellm. So that the import makes no network attempt,
 ``LITELLM_LOCAL_MODEL_COST_MAP=True`` (use the price map bundled with litellm rather
-than fetching one) is set unless the environment already says otherwise.
+than fetching one) and ``LITELLM_OFFLINE_MODE=true`` are set unless the environment
+already says otherwise.
 """
 
 import os
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")
 
 from .answer import AggregateAnswer, InvalidAnswer, TrainAnswer, answer_schema
 from .backend import Backend, BackendError, Completion, choose_mode

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from support.factories import limits
+from support.factories import limits, plain_train_obs
 
 from agent_strategy import (
     ClientState,
@@ -37,13 +37,10 @@ def client(i: int, seen: bool = True) -> ClientState:
 
 
 def train_obs(n: int = 10, target: int = 4, round_: int = 5, **kw: Any) -> Observation:
-    return Observation(
-        phase="train",
-        round=round_,
-        num_rounds=30,
-        target_clients=target,
-        default_epochs=1,
-        default_lr=0.05,
+    return plain_train_obs(
+        n,
+        target,
+        round_,
         limits=kw.pop("limits", None) or limits(),
         clients=tuple(client(i, seen=i % 5 != 0) for i in range(n)),
         last_accuracy=0.8125,
