@@ -1,6 +1,6 @@
 """Benchmark: server-side time per round, agent strategy vs Flower's FedAvg.
 
-``python -m experiments.bench_overhead [--seeds 0 1] [--rounds 30] [--what-if]``
+``python -m experiments.bench_overhead [--seeds 0 1] [--rounds 30]``
 
 Runs the default task (MNIST-5k, 20 clients, Dirichlet 0.5, 10 per round; the agent
 with ``policy.name=deterministic``) with ``strategy=agent`` and ``strategy=fedavg``,
@@ -19,18 +19,16 @@ call; no project file is changed. Measured per round ``r``:
   ``aggregate_train`` of the strategy, the centralized evaluation and Flower's own
   loop (its logging, the empty federated-evaluation round trip);
 * a breakdown of the agent's server time, timing the functions
-  ``fl_server.strategy`` calls (validation and flattening of replies, the update
+  ``fl_server.strategy`` calls (validation of replies, which also fills the update
   matrix, coordinate median, norms, cosines, observations, policy, guard, decision
   log, aggregation, ``ArrayRecord`` building), and of FedAvg's.
 
-``--what-if`` adds a third variant per seed: the agent with its coordinate median
-computed by :func:`sorted_median` (one ``np.sort``, the same values), to measure that
-one change without editing ``fl_server``.
-
 Medians pool rounds 2..N of every seed (round 1 carries Ray's warm-up and the roll
 call). Writes ``--out`` (default ``experiments/results/round_overhead.md``) and a
-JSON twin. Target: agent / FedAvg median server time <= 1.05; the exit status is 1
-when it is missed. ``--from-json FILE`` re-renders a report without running.
+JSON twin. Target: agent / FedAvg median server time <= 1.05, both as measured and
+with the (identical) central evaluation pooled over all runs, whose run-to-run
+spread is machine load; the exit status is 1 when either misses it. ``--from-json
+FILE`` re-renders a report without running.
 """
 
 from __future__ import annotations
@@ -193,57 +191,14 @@ def _evaluate(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-class _NumpyProxy:
-    """``numpy`` for one module, with ``stack`` timed (the update matrix)."""
-
-    def __init__(self, np_module: Any) -> None:
-        self._np = np_module
-        self.stack = _timed_part("update matrix: np.stack (float64)", np_module.stack)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._np, name)
-
-
-def sorted_median(updates: Any) -> Any:
-    """Coordinate median by one ``np.sort`` along the clients axis (what-if).
-
-    Returns the same values as ``np.median(updates, axis=0)`` (the mean of the two
-    middle values for an even count), without ``np.median``'s per-column selection.
-    """
-    import numpy as np
-
-    n = updates.shape[0]
-    ordered = np.sort(updates, axis=0)
-    if n % 2:
-        return ordered[n // 2]
-    return 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
-
-
-WHAT_IF = {"median_by_sort": False}
-
-
-def _median_switch(original: Callable[..., Any]) -> Callable[..., Any]:
-    def median(updates: Any) -> Any:
-        if WHAT_IF["median_by_sort"]:
-            return sorted_median(updates)
-        return original(updates)
-
-    return median
-
-
 @contextmanager
 def instrumented() -> Iterator[None]:
-    """Install the wrappers for the duration of the block; restore on exit.
-
-    The agent's coordinate median goes through a switch: with
-    ``WHAT_IF["median_by_sort"]`` it is :func:`sorted_median` (same values).
-    """
+    """Install the wrappers for the duration of the block; restore on exit."""
     import flwr.serverapp.strategy.fedavg as fedavg_mod
     from flwr.serverapp.strategy import FedAvg
 
     import agent_strategy.deterministic as det_mod
     import fl_server.strategy as strat_mod
-    import fl_server.validation as val_mod
     from fl_server.metering import MeteredGrid
     from fl_server.results import RoundRecorder
 
@@ -266,8 +221,9 @@ def instrumented() -> Iterator[None]:
 
     # Agent breakdown: names fl_server.strategy / validation look up at call time.
     for name, label in (
-        ("validate_train_reply", "validate replies (decode, checks, flatten)"),
-        ("flatten_arrays", "flatten global model to float64"),
+        ("validate_train_reply", "validate replies (decode, checks, fill matrix)"),
+        ("flatten_arrays", "flatten a new global model (round 1 only)"),
+        ("coordinate_median", "coordinate median"),
         ("l2_norms", "update norms"),
         ("cosine_to", "cosine to median"),
         ("weighted_mean", "weighted mean"),
@@ -281,17 +237,6 @@ def instrumented() -> Iterator[None]:
         ("Message", "build messages"),
     ):
         patch(strat_mod, name, _timed_part(label, strat_mod.__dict__[name]))
-    patch(
-        val_mod,
-        "flatten_arrays",
-        _timed_part("  of which flatten replies to float64", val_mod.flatten_arrays),
-    )
-    patch(
-        strat_mod,
-        "coordinate_median",
-        _timed_part("coordinate median", _median_switch(strat_mod.coordinate_median)),
-    )
-    patch(strat_mod, "np", _NumpyProxy(strat_mod.np))
     for name, label in (
         ("_decide", "_decide (policy + guard + decision log)"),
         ("_register_nodes", "roll call check (get_node_ids)"),
@@ -333,7 +278,6 @@ def instrumented() -> Iterator[None]:
 VARIANTS = {
     "agent": "agent (deterministic)",
     "fedavg": "Flower FedAvg",
-    "agent-sorted-median": "what-if: agent, median by np.sort",
 }
 
 
@@ -343,7 +287,6 @@ def run_one(variant: str, seed: int, rounds: int, runs_dir: str) -> dict[str, An
     from orchestration.runner import run_experiment
 
     strategy = "fedavg" if variant == "fedavg" else "agent"
-    WHAT_IF["median_by_sort"] = variant == "agent-sorted-median"
 
     cfg = RunConfig.from_flat(
         {
@@ -357,10 +300,7 @@ def run_one(variant: str, seed: int, rounds: int, runs_dir: str) -> dict[str, An
     )
     CLOCK.reset()
     load_before = os.getloadavg()[0]
-    try:
-        summary = run_experiment(cfg)
-    finally:
-        WHAT_IF["median_by_sort"] = False
+    summary = run_experiment(cfg)
     got = sorted(CLOCK.rounds)
     if got != list(range(1, rounds + 1)) or any(
         CLOCK.rounds[r].end == 0.0 for r in got
@@ -483,8 +423,9 @@ def render(summary: dict[str, Any], seeds: list[int], rounds: int) -> str:
     """Return the Markdown report."""
     med = summary["medians"]
     ratio = summary["ratio_server"]
-    verdict = "meets" if ratio <= TARGET_RATIO else "misses"
-    what_if = "agent-sorted-median" in med
+    pooled = summary["ratio_server_pooled_eval"]
+    met = max(ratio, pooled["agent"]) <= TARGET_RATIO
+    verdict = "meets" if met else "misses"
     lines = [
         "# Round overhead: server-side time per round, agent vs Flower FedAvg",
         "",
@@ -518,11 +459,11 @@ def render(summary: dict[str, Any], seeds: list[int], rounds: int) -> str:
         )
     per_seed = summary["ratio_per_seed"]["agent"]
     extra = med["agent"]["strategy_s"] - med["fedavg"]["strategy_s"]
-    pooled = summary["ratio_server_pooled_eval"]
     lines += [
         "",
-        f"**Agent / FedAvg median server time per round: {ratio:.3f}** (target <= "
-        f"{TARGET_RATIO}; {verdict} it). Per seed: "
+        f"**Agent / FedAvg median server time per round: {ratio:.3f}** as measured, "
+        f"**{pooled['agent']:.3f}** with the central evaluation pooled (target <= "
+        f"{TARGET_RATIO} on both; {verdict} it). Per seed: "
         + ", ".join(f"seed {k} {v['server_s']:.3f}" for k, v in per_seed.items())
         + ". Strategy code alone (configure + aggregate): "
         f"{summary['ratio_strategy']:.2f}x, {1e3 * extra:.1f} ms "
@@ -539,19 +480,6 @@ def render(summary: dict[str, Any], seeds: list[int], rounds: int) -> str:
         f"{1e3 * summary['server_pooled_eval_s']['agent']:.1f} ms, FedAvg "
         f"{1e3 * summary['server_pooled_eval_s']['fedavg']:.1f} ms).",
     ]
-    if what_if:
-        w = summary["ratios"]["agent-sorted-median"]
-        w_seed = summary["ratio_per_seed"]["agent-sorted-median"]
-        lines += [
-            "",
-            "What-if (same process, same seeds): the agent with its coordinate "
-            "median computed by one `np.sort` along the clients axis "
-            "(`sorted_median` here; the same values as `np.median(axis=0)`), all "
-            f"else unchanged: server time ratio **{w['server_s']:.3f}** (per seed: "
-            + ", ".join(f"{w_seed[k]['server_s']:.3f}" for k in w_seed)
-            + f"; {pooled['agent-sorted-median']:.3f} with the evaluation pooled), "
-            f"strategy code {w['strategy_s']:.2f}x FedAvg's.",
-        ]
     loads = [x for r in summary["loads"] for x in r]
     lines += [
         "",
@@ -573,12 +501,11 @@ def render(summary: dict[str, Any], seeds: list[int], rounds: int) -> str:
         "",
         "Parts are medians of each part separately (they need not add up to the "
         "medians above); nested parts are included in their parent (`_decide` holds "
-        "`policy.decide` and `guard`; `validate replies` holds the flattening of "
-        "replies). Each wrapper adds about a microsecond per call.",
+        "`policy.decide` and `guard`). Each wrapper adds about a microsecond per "
+        "call.",
         "",
         f"Reproduce: `python -m experiments.bench_overhead --seeds "
-        f"{' '.join(map(str, seeds))} --rounds {rounds}"
-        + (" --what-if`" if what_if else "`"),
+        f"{' '.join(map(str, seeds))} --rounds {rounds}`",
     ]
     return "\n".join(lines) + "\n"
 
@@ -590,12 +517,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--runs-dir", default="runs/bench_overhead")
     ap.add_argument("--out", default="experiments/results/round_overhead.md")
-    ap.add_argument(
-        "--what-if",
-        action="store_true",
-        help="also run the agent with its coordinate median computed by one np.sort "
-        "(same values), to measure that one change",
-    )
     ap.add_argument(
         "--from-json",
         type=Path,
@@ -610,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 2:
         ap.error("--rounds must be at least 2 (round 1 is left out of the medians)")
 
-    variants = ["agent", "fedavg"] + (["agent-sorted-median"] if args.what_if else [])
+    variants = ["agent", "fedavg"]
     runs = []
     with instrumented():
         for seed in args.seeds:
@@ -639,7 +560,8 @@ def _write(runs: list[dict[str, Any]], seeds: list[int], rounds: int, out: Path)
         json.dumps({"summary": summary, "runs": _rounded(runs)}, indent=1)
     )
     print(text)
-    return 0 if summary["ratio_server"] <= TARGET_RATIO else 1
+    worst = max(summary["ratio_server"], summary["ratio_server_pooled_eval"]["agent"])
+    return 0 if worst <= TARGET_RATIO else 1
 
 
 if __name__ == "__main__":

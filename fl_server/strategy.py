@@ -147,6 +147,7 @@ class AgentStrategy(Strategy):
         self._spec: ModelSpec | None = None
         self._num_rounds = 1
         self._last_accuracy: float | None = None
+        self._returned: ArrayRecord | None = None
 
     # ----------------------------------------------------------------- Flower API
     def summary(self) -> None:
@@ -175,8 +176,11 @@ class AgentStrategy(Strategy):
         """Roll-call new nodes, ask the policy whom to train and how."""
         self.info = RoundInfo()
         self._register_nodes(grid)
-        self._spec = ModelSpec.of(arrays)
-        self._global = flatten_arrays(arrays.to_numpy_ndarrays())
+        if arrays is not self._returned:
+            # Flower hands back the record aggregate_train returned; only a new one
+            # (round 1, or a caller's own) needs decoding.
+            self._spec = ModelSpec.of(arrays)
+            self._global = flatten_arrays(arrays.to_numpy_ndarrays())
         eligible = [c.state for c in self._ordered_clients()]
         if len(eligible) < self.min_replies:
             raise RoundFailedError(
@@ -239,6 +243,10 @@ class AgentStrategy(Strategy):
             raise RuntimeError("aggregate_train called before configure_train")
         by_node = {c.node_id: cid for cid, c in self.clients.items()}
         valid: dict[str, ValidReply] = {}
+        replies = list(replies)
+        # One float32 row per reply, filled by validation: no per-reply copies.
+        matrix = np.empty((len(replies), self._global.size), dtype=np.float32)
+        row_of: dict[str, int] = {}
         for reply in replies:
             cid = by_node.get(reply.metadata.src_node_id)
             if cid is None or cid not in self.info.selected:
@@ -250,7 +258,9 @@ class AgentStrategy(Strategy):
                 self._fail(cid, f"client error: {reply.error.reason}")
                 continue
             try:
-                checked = validate_train_reply(reply.content, self._spec)
+                checked = validate_train_reply(
+                    reply.content, self._spec, out=matrix[len(row_of)]
+                )
             except InvalidReply as e:
                 self._fail(cid, f"rejected: {e}")
                 continue
@@ -259,14 +269,20 @@ class AgentStrategy(Strategy):
                     cid, f"rejected: partition-id {checked.partition_id} != {cid}"
                 )
                 continue
+            if cid in valid:
+                log.warning("round %d: second reply from %s ignored", server_round, cid)
+                continue
             valid[cid] = checked
+            row_of[cid] = len(row_of)
         for cid in self.info.selected:
             if cid not in valid and cid not in self.info.failures:
                 self._fail(cid, "no reply before the round timeout")
         self._require(len(valid), server_round, "replies")
 
         ids = sorted(valid, key=lambda c: int(c[1:]))
-        updates = np.stack([valid[c].vector for c in ids]) - self._global
+        # Rows stay in arrival order; row_of maps a client to its row.
+        updates = matrix[: len(row_of)]
+        updates -= self._global
         norms = l2_norms(updates)
         cosines = cosine_to(updates, coordinate_median(updates))
         features = tuple(
@@ -275,10 +291,10 @@ class AgentStrategy(Strategy):
                 num_examples=valid[c].num_examples,
                 train_loss=valid[c].train_loss,
                 duration_s=valid[c].duration_s,
-                update_norm=float(norms[i]),
-                cosine_to_median=float(cosines[i]),
+                update_norm=float(norms[row_of[c]]),
+                cosine_to_median=float(cosines[row_of[c]]),
             )
-            for i, c in enumerate(ids)
+            for c in ids
         )
         obs = Observation(
             phase="aggregate",
@@ -299,9 +315,9 @@ class AgentStrategy(Strategy):
         accepted = [c for c in ids if c in decision.weights]
         self._require(len(accepted), server_round, "unflagged replies")
         self.info.accepted = accepted
-        rows = [ids.index(c) for c in accepted]
+        rows = [row_of[c] for c in accepted]
         weights = np.array([decision.weights[c] for c in accepted])
-        kept = updates if len(rows) == len(ids) else updates[rows]
+        kept = updates if rows == list(range(len(ids))) else updates[rows]
         new_global = self._global + weighted_mean(kept, weights)
         self._update_states(valid, set(accepted), set(self.info.flagged))
 
@@ -314,6 +330,7 @@ class AgentStrategy(Strategy):
                 for name, a in zip(self._spec.names, new_arrays, strict=True)
             }
         )
+        self._global, self._returned = new_global, arrays
         w_loss = float(
             np.average([valid[c].train_loss for c in accepted], weights=weights)
         )

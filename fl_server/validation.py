@@ -25,6 +25,11 @@ class ModelSpec:
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[np.dtype, ...]
 
+    @property
+    def size(self) -> int:
+        """Number of scalars in the model."""
+        return sum(int(np.prod(s)) for s in self.shapes)
+
     @classmethod
     def of(cls, arrays: ArrayRecord) -> ModelSpec:
         """Describe an ``ArrayRecord``."""
@@ -47,13 +52,26 @@ class ValidReply:
     partition_id: int
 
 
-def validate_train_reply(content: RecordDict, spec: ModelSpec) -> ValidReply:
+def validate_train_reply(
+    content: RecordDict, spec: ModelSpec, out: np.ndarray | None = None
+) -> ValidReply:
     """Return the reply's weights and metrics, or raise :class:`InvalidReply`.
 
     Checks: exactly one ArrayRecord with the global model's keys, shapes and floating
     dtypes, all values finite; one MetricRecord with ``num-examples`` (a positive
     integer), a finite ``train-loss``, a non-negative ``train-duration`` and an integer
     ``partition-id``.
+
+    Parameters
+    ----------
+    content : RecordDict
+        The reply's content.
+    spec : ModelSpec
+        The global model's layout.
+    out : numpy.ndarray, optional
+        A float vector of the model's size (a row of the round's update matrix) that
+        receives the flattened weights, avoiding a copy per reply; written only when
+        every check passes. By default a new float32 vector is returned.
     """
     if len(content.array_records) != 1:
         raise InvalidReply(f"expected 1 ArrayRecord, got {len(content.array_records)}")
@@ -94,4 +112,11 @@ def validate_train_reply(content: RecordDict, spec: ModelSpec) -> ValidReply:
         raise InvalidReply(f"train-duration must be >= 0, got {dur!r}")
     if not isinstance(pid, int) or isinstance(pid, bool):
         raise InvalidReply(f"partition-id must be an integer, got {pid!r}")
-    return ValidReply(flatten_arrays(arrays), n, float(loss), float(dur), pid)
+    if out is None:
+        vector = flatten_arrays(arrays)
+    else:
+        if out.ndim != 1 or out.size != spec.size:
+            raise ValueError(f"out has shape {out.shape}, expected ({spec.size},)")
+        np.concatenate([a.ravel() for a in arrays], out=out, casting="same_kind")
+        vector = out
+    return ValidReply(vector, n, float(loss), float(dur), pid)

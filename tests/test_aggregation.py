@@ -5,10 +5,12 @@ import pytest
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean as flower_trim_mean
 
 from fl_server.aggregation import (
+    NETWORK_MAX_ROWS,
     coordinate_median,
     cosine_to,
     flatten_arrays,
     l2_norms,
+    sort_columns,
     trimmed_mean,
     unflatten_vector,
     weighted_mean,
@@ -72,3 +74,18 @@ def test_coordinate_median_matches_numpy(rows: int) -> None:
     np.testing.assert_allclose(
         coordinate_median(u), np.median(u, axis=0), rtol=0, atol=0
     )
+
+
+@pytest.mark.parametrize("rows", range(NETWORK_MAX_ROWS + 3))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sort_columns_equals_numpy_sort_with_ties(rows: int, dtype: type) -> None:
+    u = np.random.default_rng(rows).normal(size=(rows, 50)).astype(dtype)
+    u[:, :10] = np.round(u[:, :10])  # ties
+    u[: rows // 2, 10] = -0.0  # signed zeros compare equal
+
+    out = sort_columns(u)
+
+    assert out.dtype == u.dtype
+    np.testing.assert_array_equal(out, np.sort(u, axis=0))
+    if rows:
+        np.testing.assert_array_equal(coordinate_median(u), np.median(u, axis=0))

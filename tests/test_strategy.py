@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Context, Error, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 from inprocess import InProcessGrid
 
@@ -185,3 +185,27 @@ def test_no_client_answering_the_roll_call_is_a_clear_error(tmp_path: Path) -> N
 
     with pytest.raises(RoundFailedError, match="0 clients answered the roll call"):
         run_server(grid, cfg)
+
+
+def test_the_global_model_is_decoded_again_only_for_a_new_record(
+    tmp_path: Path,
+) -> None:
+    cfg = _cfg(tmp_path, clients_per_round=6)
+    grid = InProcessGrid(make_client_app(cfg), cfg.num_clients)
+    strategy = build_strategy(cfg, tmp_path)
+    assert isinstance(strategy, AgentStrategy)
+    first = _initial(cfg)
+    replies = grid.send_and_receive(
+        strategy.configure_train(1, first, ConfigRecord(), grid)
+    )
+    returned, _ = strategy.aggregate_train(1, replies)
+    assert returned is not None
+    decoded = np.concatenate([a.ravel() for a in returned.to_numpy_ndarrays()])
+    # Flower hands the returned record back: the cached vector is that record.
+    list(strategy.configure_train(2, returned, ConfigRecord(), grid))
+    assert strategy._global is not None
+    np.testing.assert_array_equal(strategy._global, decoded)
+    # A different record (a caller's own) is decoded, not ignored.
+    zeros = ArrayRecord([np.zeros_like(a) for a in returned.to_numpy_ndarrays()])
+    list(strategy.configure_train(3, zeros, ConfigRecord(), grid))
+    assert not np.any(strategy._global)

@@ -71,3 +71,19 @@ def test_two_array_records_are_rejected() -> None:
 
     with pytest.raises(InvalidReply, match="1 ArrayRecord"):
         validate_train_reply(c, SPEC)
+
+
+def test_out_row_receives_the_weights_and_is_untouched_on_rejection() -> None:
+    out = np.full(10, -7.0, np.float32)
+    bad = _content([np.full((2, 3), np.nan, np.float32), np.ones(4, np.float32)])
+
+    with pytest.raises(InvalidReply):
+        validate_train_reply(bad, SPEC, out=out)
+    assert np.all(out == -7.0)
+
+    arrays = [np.arange(6, dtype=np.float64).reshape(2, 3), np.ones(4, np.float32)]
+    r = validate_train_reply(_content(arrays), SPEC, out=out)
+    assert r.vector is out
+    np.testing.assert_array_equal(out, np.r_[np.arange(6), np.ones(4)])
+    with pytest.raises(ValueError, match="expected"):
+        validate_train_reply(_content(), SPEC, out=np.zeros(9, np.float32))
