@@ -55,6 +55,7 @@ class Run:
     config: dict[str, Any]
     rows: tuple[dict[str, Any], ...]
     summary: dict[str, Any]
+    llm_latencies: tuple[float, ...] = ()
 
     @property
     def seed(self) -> int:
@@ -79,6 +80,13 @@ class GroupStats:
     rounds: tuple[int, ...]
     accuracy_curve: tuple[float, ...]
     cumulative_bytes_up: tuple[float, ...]
+    llm_latencies: tuple[float, ...] = ()
+
+    def llm_latency_percentile(self, q: float) -> float:
+        """Return the ``q``-th percentile of the LLM call latencies (NaN if none)."""
+        if not self.llm_latencies:
+            return math.nan
+        return float(np.percentile(self.llm_latencies, q))
 
     @property
     def label(self) -> str:
@@ -161,7 +169,35 @@ def load_run(path: Path) -> Run:
             f"incomplete run {path}: results.jsonl ends at round "
             f"{rows[-1]['round']}, config.json has num_rounds={wanted}"
         )
-    return Run(path, flat, tuple(rows), summary)
+    return Run(path, flat, tuple(rows), summary, _llm_latencies(path))
+
+
+def _llm_latencies(path: Path) -> tuple[float, ...]:
+    """Latencies of the LLM calls logged in ``decisions.jsonl`` (none: empty).
+
+    Raises
+    ------
+    ReportError
+        If a line of the file is not JSON or its ``llm.latency_s`` is not a number.
+    """
+    log = path / "decisions.jsonl"
+    if not log.is_file():
+        return ()
+    out = []
+    for lineno, line in enumerate(log.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            call = json.loads(line).get("llm")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise ReportError(f"{log}:{lineno}: not a JSON object ({e})") from e
+        if call is None:
+            continue
+        latency = call.get("latency_s") if isinstance(call, dict) else None
+        if not isinstance(latency, int | float) or isinstance(latency, bool):
+            raise ReportError(f"{log}:{lineno}: llm.latency_s is {latency!r}")
+        out.append(float(latency))
+    return tuple(out)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -234,6 +270,7 @@ def summarise_group(
         rounds=tuple(int(x["round"]) for x in runs[0].rows[:length]),
         accuracy_curve=tuple(float(v) for v in acc.mean(axis=0)),
         cumulative_bytes_up=tuple(float(v) for v in up.cumsum(axis=1).mean(axis=0)),
+        llm_latencies=tuple(x for r in runs for x in r.llm_latencies),
     )
 
 
@@ -265,8 +302,8 @@ def render_markdown(stats: Sequence[GroupStats]) -> str:
     """Return the Markdown report: one table row per group."""
     lines = [
         "| strategy | dataset | settings | seeds | final accuracy | rounds | "
-        "median round s | bytes up / run |",
-        "|---|---|---|---|---|---|---|---|",
+        "median round s | bytes up / run | LLM calls | LLM p50 / p95 s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in stats:
         settings = ", ".join(f"{k}={v}" for k, v in s.settings.items()) or "-"
@@ -274,7 +311,8 @@ def render_markdown(stats: Sequence[GroupStats]) -> str:
         lines.append(
             f"| {s.strategy} | {s.dataset} | {settings} | {len(s.seeds)} | "
             f"{s.final_accuracy_mean:.4f} ± {std} | {s.num_rounds} | "
-            f"{s.median_round_s:.3f} | {_human_bytes(s.bytes_up_mean)} |"
+            f"{s.median_round_s:.3f} | {_human_bytes(s.bytes_up_mean)} | "
+            f"{len(s.llm_latencies)} | {_latency_cell(s)} |"
         )
     rounds = sorted({s.num_rounds for s in stats})
     if len(rounds) > 1:
@@ -284,9 +322,16 @@ def render_markdown(stats: Sequence[GroupStats]) -> str:
         "Final accuracy: mean ± sample std (ddof=1) over seeds, central test set. "
         "Median round s pools every round of every seed (round 1 includes the "
         "simulation's start-up). Bytes up: array bytes sent by clients, whole run, "
-        "mean over seeds.",
+        "mean over seeds. LLM: calls logged in decisions.jsonl over all seeds, "
+        "latency percentiles pooled over them.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _latency_cell(s: GroupStats) -> str:
+    if not s.llm_latencies:
+        return "-"
+    return f"{s.llm_latency_percentile(50):.2f} / {s.llm_latency_percentile(95):.2f}"
 
 
 def _human_bytes(n: float) -> str:
@@ -298,7 +343,11 @@ def _human_bytes(n: float) -> str:
 
 
 def write_plots(stats: Sequence[GroupStats], out: Path) -> list[Path]:
-    """Write accuracy-vs-round and accuracy-vs-bytes PNGs; return their paths."""
+    """Write accuracy-vs-round and accuracy-vs-bytes PNGs; return their paths.
+
+    With LLM calls in any group, also ``llm_latency.png``: the empirical CDF of
+    each group's call latencies.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,6 +369,21 @@ def write_plots(stats: Sequence[GroupStats], out: Path) -> list[Path]:
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
         paths.append(out / name)
+    with_llm = [s for s in stats if s.llm_latencies]
+    if with_llm:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for s in with_llm:
+            lat = np.sort(np.asarray(s.llm_latencies))
+            share = np.arange(1, lat.size + 1) / lat.size
+            ax.step(lat, share, where="post", label=f"{s.label} ({lat.size} calls)")
+        ax.set_xlabel("LLM call latency, s")
+        ax.set_ylabel("share of calls")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(out / "llm_latency.png", dpi=120)
+        plt.close(fig)
+        paths.append(out / "llm_latency.png")
     return paths
 
 
@@ -345,6 +409,13 @@ def to_json(stats: Sequence[GroupStats]) -> list[dict[str, Any]]:
             "bytes_up_mean": s.bytes_up_mean,
             "accuracy_curve": list(s.accuracy_curve),
             "cumulative_bytes_up": list(s.cumulative_bytes_up),
+            "llm_calls": len(s.llm_latencies),
+            "llm_latency_p50_s": None
+            if not s.llm_latencies
+            else s.llm_latency_percentile(50),
+            "llm_latency_p95_s": None
+            if not s.llm_latencies
+            else s.llm_latency_percentile(95),
         }
         for s in stats
     ]

@@ -253,3 +253,43 @@ def test_hydra_multirun_layout_is_read_and_grouped(tmp_path: Path) -> None:
         ("fedavg", [0, 1, 2]),
     ]
     assert [g["final_accuracy_mean"] for g in report] == pytest.approx([0.6, 0.6])
+
+
+def _decisions(run: Path, latencies: list[float | None]) -> None:
+    lines = []
+    for i, lat in enumerate(latencies):
+        entry: dict[str, Any] = {"round": i // 2 + 1, "phase": "train"}
+        if lat is not None:
+            entry["llm"] = {"latency_s": lat, "attempts": 1}
+        lines.append(json.dumps(entry) + "\n")
+    (run / "decisions.jsonl").write_text("".join(lines))
+
+
+def test_llm_latencies_are_pooled_per_group_and_plotted(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    # Two seeds of one group: 1..5 s and 6..10 s, plus a decision without a call.
+    _decisions(write_run(runs, "a", accuracies=[0.1, 0.5]), [1, 2, 3, 4, 5, None])
+    _decisions(write_run(runs, "b", accuracies=[0.1, 0.6], seed=1), [6, 7, 8, 9, 10])
+    write_run(runs, "c", accuracies=[0.1, 0.4], strategy="fedavg")
+    out = tmp_path / "report"
+
+    assert main([str(runs), "--out", str(out)]) == 0
+
+    stats = {s["strategy"]: s for s in json.loads((out / "report.json").read_text())}
+    assert stats["agent"]["llm_calls"] == 10
+    assert stats["agent"]["llm_latency_p50_s"] == pytest.approx(5.5)
+    assert stats["fedavg"]["llm_calls"] == 0
+    assert stats["fedavg"]["llm_latency_p50_s"] is None
+    table = (out / "report.md").read_text()
+    assert "| 10 | 5.50 / 9.55 |" in table
+    assert (out / "llm_latency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_malformed_llm_latency_is_named(tmp_path: Path) -> None:
+    run = write_run(tmp_path, "a", accuracies=[0.1, 0.5])
+    _decisions(run, [1.0])
+    with (run / "decisions.jsonl").open("a") as fh:
+        fh.write(json.dumps({"round": 2, "llm": {"latency_s": "slow"}}) + "\n")
+
+    with pytest.raises(ReportError, match=r"decisions.jsonl:2: llm.latency_s"):
+        load_run(run)
