@@ -224,9 +224,21 @@ def test_client_only_env_runs_the_supernodes_on_local_csvs(tmp_path: Path) -> No
     stop = threading.Event()
 
     def watch_clientapps() -> None:
+        # flwr-clientapp renames itself; its memory map shows where torch came from.
+        venv = str(client_bin.parent)
         while not stop.wait(0.5):
-            ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True)
-            seen.update(a for a in ps.stdout.splitlines() if "flwr-clientapp" in a)
+            for proc_dir in Path("/proc").glob("[0-9]*"):
+                try:
+                    if b"flwr-clientapp" not in (proc_dir / "cmdline").read_bytes():
+                        continue
+                    maps = (proc_dir / "maps").read_text()
+                except OSError:
+                    continue
+                torch_libs = {
+                    line.split()[-1] for line in maps.splitlines() if "libtorch" in line
+                }
+                seen.update(p for p in torch_libs if p.startswith(venv))
+                seen.update(f"other:{p}" for p in torch_libs if not p.startswith(venv))
 
     try:
         with lf.local_federation(
@@ -256,6 +268,7 @@ def test_client_only_env_runs_the_supernodes_on_local_csvs(tmp_path: Path) -> No
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["accepted"] == 3 and r["failures"] == 0 for r in rows[1:])
     assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.1
-    # The ClientApps ran on the client venv's interpreter.
-    ours = [a for a in seen if str(client_bin) in a]
-    assert ours, f"no flwr-clientapp from {client_bin} seen; saw {sorted(seen)[:5]}"
+    # The ClientApps ran on the client venv: torch was mapped from its site-packages
+    # (other helpers' ClientApps may show up as "other:").
+    ours = [p for p in seen if not p.startswith("other:")]
+    assert ours, f"no flwr-clientapp with torch from {client_bin.parent}: {seen}"
