@@ -386,7 +386,7 @@ class AgentStrategy(Strategy):
             )
             unanswered.discard(nid)
             if reply.has_error():
-                self._roll_call_failed(nid, server_round, reply.error.reason)
+                self._roll_call_failed(nid, server_round, str(reply.error.reason))
                 continue
             metrics = reply.content.metric_records.get("metrics", MetricRecord())
             pid, n = metrics.get("partition-id"), metrics.get("num-examples")

@@ -162,11 +162,11 @@ def load_image_folder(
             if file.suffix.lower() not in IMAGE_SUFFIXES or not file.is_file():
                 continue
             try:
-                with Image.open(file) as img:
-                    img = img.convert(mode)
-                    if img.size != (w, h):
-                        img = img.resize((w, h), Image.Resampling.BILINEAR)
-                    pixels = np.asarray(img, dtype=np.float32)
+                with Image.open(file) as raw:
+                    img = raw.convert(mode)
+                if img.size != (w, h):
+                    img = img.resize((w, h), Image.Resampling.BILINEAR)
+                pixels = np.asarray(img, dtype=np.float32)
             except (UnidentifiedImageError, OSError) as e:
                 raise LocalDataError(f"{file}: not a readable image ({e})") from e
             xs.append(pixels[None] if c == 1 else pixels.transpose(2, 0, 1))
