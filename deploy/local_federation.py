@@ -104,6 +104,7 @@ class Federation:
     flwr_home: Path
     name: str = "local-tls"
     port: int = 0
+    client_bin: Path | None = None
     procs: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
 
     @property
@@ -121,19 +122,36 @@ class Federation:
         """Environment of the Flower processes (FLWR_HOME, offline flags)."""
         return make_env(self.flwr_home)
 
+    @property
+    def client_env(self) -> dict[str, str]:
+        """Environment of the SuperNodes: with ``client_bin``, that venv and no repo.
+
+        The SuperNode starts ``flower-superexec`` and that ``flwr-clientapp`` from
+        ``PATH``; without ``PYTHONPATH`` the ClientApp runs from the FAB that
+        ``flwr run`` shipped, on the client venv's packages only.
+        """
+        if self.client_bin is None:
+            return self.env
+        env = {k: v for k, v in self.env.items() if k != "PYTHONPATH"}
+        env["PATH"] = f"{self.client_bin}{os.pathsep}{os.environ.get('PATH', '')}"
+        env["VIRTUAL_ENV"] = str(self.client_bin.parent)
+        return env
+
     def log_of(self, name: str) -> str:
         """Return the log file of process ``name`` (empty if none)."""
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def spawn(self, name: str, cmd: Sequence[str]) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, name: str, cmd: Sequence[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         """Start ``cmd`` in its own process group, logging to ``logs/NAME.log``."""
         self.logs.mkdir(parents=True, exist_ok=True)
         with open(self.logs / f"{name}.log", "ab") as out:
             proc = subprocess.Popen(
                 list(cmd),
                 cwd=ROOT,
-                env=self.env,
+                env=env if env is not None else self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -234,14 +252,22 @@ class Federation:
         key: Path | None = None,
         name: str | None = None,
         extra: Sequence[str] = (),
+        node_config: str = "",
     ) -> subprocess.Popen[bytes]:
         """Start SuperNode ``index`` (partition ``index`` of ``num_partitions``).
 
         ``tls=False`` passes ``--insecure``; ``auth=False`` omits the private key;
-        ``key`` overrides ``CERTS/supernode_INDEX``.
+        ``key`` overrides ``CERTS/supernode_INDEX``; ``node_config`` is appended to
+        ``--node-config`` (e.g. ``"data-path=/data threads=2"``). With
+        ``client_bin`` set, the SuperNode runs from that (client-only) venv.
         """
         key = key if key is not None else self.certs / f"supernode_{index}"
-        cmd = [tool("flower-supernode"), "--superlink", self.address]
+        exe = (
+            str(self.client_bin / "flower-supernode")
+            if self.client_bin is not None
+            else tool("flower-supernode")
+        )
+        cmd = [exe, "--superlink", self.address]
         cmd += (
             ["--root-certificates", str(self.certs / "ca.crt")]
             if tls
@@ -251,12 +277,13 @@ class Federation:
             cmd += ["--auth-supernode-private-key", str(key)]
         cmd += [
             "--node-config",
-            f"partition-id={index} num-partitions={num_partitions}",
+            f"partition-id={index} num-partitions={num_partitions} "
+            f"{node_config}".strip(),
             "--port",
             str(free_port()),
             *extra,
         ]
-        return self.spawn(name or f"supernode_{index}", cmd)
+        return self.spawn(name or f"supernode_{index}", cmd, env=self.client_env)
 
     def wait_online(self, count: int, timeout: float = 60.0) -> None:
         """Wait until ``count`` SuperNodes are online."""
@@ -335,6 +362,14 @@ class Federation:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
 
+    def kill(self, name: str) -> None:
+        """SIGKILL the process group of ``name`` at once (a crash or power loss)."""
+        proc = self.procs.get(name)
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
     def stop_all(self) -> None:
         """Stop the SuperNodes first, then the SuperLink."""
         for name in sorted(self.procs, key=lambda n: n == "superlink"):
@@ -353,8 +388,14 @@ def local_federation(
     key_bits: int = 4096,
     supernode_args: Sequence[str] = (),
     wait_s: float = 60.0,
+    client_bin: Path | None = None,
+    node_configs: Sequence[str] = (),
 ) -> Iterator[Federation]:
-    """Start SuperLink + registered SuperNodes; stop all of them on exit."""
+    """Start SuperLink + registered SuperNodes; stop all of them on exit.
+
+    ``client_bin`` runs the SuperNodes from another (client-only) venv's ``bin``;
+    ``node_configs[i]`` is added to SuperNode i's ``--node-config``.
+    """
     workdir = workdir.resolve()
     certs = (certs or workdir / "certs").resolve()
     if not (certs / "ca.crt").exists() or not all(
@@ -367,13 +408,19 @@ def local_federation(
         flwr_home=(flwr_home or workdir / "flwr_home").resolve(),
         name=name,
         port=port,
+        client_bin=client_bin.resolve() if client_bin is not None else None,
     )
     try:
         fed.start_superlink()
         for i in range(num_supernodes):
             fed.register(certs / f"supernode_{i}.pub")
         for i in range(num_supernodes):
-            fed.start_supernode(i, num_supernodes, extra=supernode_args)
+            fed.start_supernode(
+                i,
+                num_supernodes,
+                extra=supernode_args,
+                node_config=node_configs[i] if i < len(node_configs) else "",
+            )
         fed.wait_online(num_supernodes, timeout=wait_s)
         yield fed
     finally:
@@ -391,6 +438,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--run-config", default="", help="passed to flwr run")
     p.add_argument("--flwr-home", type=Path, default=None)
     p.add_argument("--timeout", type=float, default=3600.0, help="for flwr run")
+    p.add_argument(
+        "--client-venv",
+        type=Path,
+        default=None,
+        help="run the SuperNodes from this (client-only) venv",
+    )
+    p.add_argument(
+        "--node-config",
+        action="append",
+        default=[],
+        help="extra node config of SuperNode I (repeat, in order), e.g. data-path=..",
+    )
     a = p.parse_args(argv)
 
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="agentfl-fed-"))
@@ -407,6 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             flwr_home=a.flwr_home,
             name=a.name,
             port=a.port,
+            client_bin=a.client_venv / "bin" if a.client_venv else None,
+            node_configs=a.node_config,
         ) as fed:
             print(
                 f"SuperLink https://{fed.address} (TLS, node auth), "

@@ -28,7 +28,9 @@ from flwr.clientapp.typing import Mod
 
 from orchestration.config import RunConfig
 
+from .node_config import data_path, threads
 from .task import build_model, evaluate, split_for, train
+from .task.local_data import local_split
 from .task.partition import ClientSplit
 
 _Num = TypeVar("_Num", int, float)
@@ -54,6 +56,10 @@ def _client_data(cfg: RunConfig, context: Context) -> tuple[int, ClientSplit]:
         )
     if not 0 <= pid < n:
         raise ValueError(f"partition-id={pid} outside 0..{n - 1}")
+    path = data_path(context.node_config)
+    if path is not None:  # device-local data instead of a simulated partition
+        d = cfg.dataset
+        return pid, local_split(path, d.name, d.client_test_fraction, cfg.seed + pid)
     clients, _ = split_for(cfg)
     return pid, clients[pid]
 
@@ -87,10 +93,11 @@ def make_client_app(
         Flower mods wrapped around every handler (e.g. for tests or privacy).
     """
     app = ClientApp(mods=mods or [])
-    torch.set_num_threads(1)
 
     def resolve(context: Context) -> RunConfig:
-        return cfg if cfg is not None else RunConfig.from_flat(context.run_config)
+        run_cfg = cfg if cfg is not None else RunConfig.from_flat(context.run_config)
+        torch.set_num_threads(threads(context.node_config, run_cfg.client.threads))
+        return run_cfg
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

@@ -120,6 +120,7 @@ def build_strategy(
         fallback=setup.fallback,
         decision_log=run_dir / "decisions.jsonl",
         telemetry=setup.telemetry,
+        roll_call_timeout_s=min(120.0, cfg.round_timeout_s),
     )
 
 

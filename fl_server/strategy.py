@@ -110,6 +110,9 @@ class AgentStrategy(Strategy):
         A JSONL file receiving one line per round and phase.
     telemetry : Telemetry, optional
         LLM call records for the decision log, and the round history the LLM sees.
+    roll_call_timeout_s : float
+        How long the roll call of new nodes waits for answers. A node that fails it
+        is asked again only after 2, 4, 8, ... (at most 32) rounds.
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class AgentStrategy(Strategy):
         fallback: Policy | None = None,
         decision_log: Path | None = None,
         telemetry: Telemetry | None = None,
+        roll_call_timeout_s: float = 120.0,
     ) -> None:
         if min_replies > clients_per_round:
             raise ValueError("min_replies must be at most clients_per_round")
@@ -136,6 +140,9 @@ class AgentStrategy(Strategy):
         self.lr = lr
         self.decision_log = decision_log
         self.telemetry = telemetry
+        self.roll_call_timeout_s = roll_call_timeout_s
+        self._roll_call_retry: dict[int, tuple[int, int]] = {}  # node: (fails, round)
+        self._sent: dict[str, Message] = {}  # this round's train messages by client
         self.decisions = 0
         self.llm_latencies: list[float] = []
         self.fallback_reasons: dict[str, int] = {}
@@ -175,13 +182,14 @@ class AgentStrategy(Strategy):
     ) -> Iterable[Message]:
         """Roll-call new nodes, ask the policy whom to train and how."""
         self.info = RoundInfo()
-        self._register_nodes(grid)
+        self._sent = {}
+        online = self._register_nodes(grid, server_round)
         if arrays is not self._returned:
             # Flower hands back the record aggregate_train returned; only a new one
             # (round 1, or a caller's own) needs decoding.
             self._spec = ModelSpec.of(arrays)
             self._global = flatten_arrays(arrays.to_numpy_ndarrays())
-        eligible = [c.state for c in self._ordered_clients()]
+        eligible = [c.state for c in self._ordered_clients() if c.node_id in online]
         if len(eligible) < self.min_replies:
             raise RoundFailedError(
                 f"round {server_round}: {len(eligible)} clients answered the roll "
@@ -228,11 +236,10 @@ class AgentStrategy(Strategy):
                 }
             )
             content = RecordDict({"arrays": arrays, "config": cfg})
-            messages.append(
-                Message(
-                    content, message_type=MessageType.TRAIN, dst_node_id=client.node_id
-                )
+            self._sent[cid] = Message(
+                content, message_type=MessageType.TRAIN, dst_node_id=client.node_id
             )
+            messages.append(self._sent[cid])
         return messages
 
     def aggregate_train(
@@ -242,13 +249,18 @@ class AgentStrategy(Strategy):
         if self._global is None or self._spec is None:
             raise RuntimeError("aggregate_train called before configure_train")
         by_node = {c.node_id: cid for cid, c in self.clients.items()}
+        # The SuperLink answers for a node that stopped sending heartbeats; the
+        # grid gave each sent message its id.
+        by_msg = {m.metadata.message_id: c for c, m in self._sent.items()}
         valid: dict[str, ValidReply] = {}
         replies = list(replies)
         # One float32 row per reply, filled by validation: no per-reply copies.
         matrix = np.empty((len(replies), self._global.size), dtype=np.float32)
         row_of: dict[str, int] = {}
         for reply in replies:
-            cid = by_node.get(reply.metadata.src_node_id)
+            cid = by_node.get(reply.metadata.src_node_id) or by_msg.get(
+                reply.metadata.reply_to_message_id
+            )
             if cid is None or cid not in self.info.selected:
                 log.warning(
                     "round %d: reply from unexpected node ignored", server_round
@@ -360,30 +372,43 @@ class AgentStrategy(Strategy):
     def _ordered_clients(self) -> list[_Client]:
         return [self.clients[c] for c in sorted(self.clients, key=lambda c: int(c[1:]))]
 
-    def _register_nodes(self, grid: Grid) -> None:
-        """Ask nodes not seen before for their partition id and data size."""
+    def _register_nodes(self, grid: Grid, server_round: int) -> set[int]:
+        """Ask online nodes not seen before for their partition id and data size.
+
+        Returns the ids of the nodes online now (only they are eligible this round).
+        """
+        online = set(grid.get_node_ids())
         known = {c.node_id for c in self.clients.values()}
-        new = sorted(set(grid.get_node_ids()) - known)
+        new = sorted(
+            nid
+            for nid in online - known
+            if self._roll_call_retry.get(nid, (0, 0))[1] <= server_round
+        )
         if not new:
-            return
+            return online
         msgs = [
             Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=nid)
             for nid in new
         ]
-        for reply in grid.send_and_receive(msgs, timeout=120):
+        unanswered = set(new)
+        replies = grid.send_and_receive(msgs, timeout=self.roll_call_timeout_s)
+        by_msg = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+        for reply in replies:
+            src = reply.metadata.src_node_id
+            # An error the SuperLink sends for an unavailable node comes from it.
+            nid = (
+                src
+                if src in new
+                else by_msg.get(reply.metadata.reply_to_message_id, src)
+            )
+            unanswered.discard(nid)
             if reply.has_error():
-                log.warning(
-                    "roll call: node %d failed: %s",
-                    reply.metadata.src_node_id,
-                    reply.error.reason,
-                )
+                self._roll_call_failed(nid, server_round, str(reply.error.reason))
                 continue
             metrics = reply.content.metric_records.get("metrics", MetricRecord())
             pid, n = metrics.get("partition-id"), metrics.get("num-examples")
             if not isinstance(pid, int) or not isinstance(n, int) or pid < 0 or n < 0:
-                log.warning(
-                    "roll call: node %d sent malformed ids", reply.metadata.src_node_id
-                )
+                self._roll_call_failed(nid, server_round, "malformed ids")
                 continue
             cid = f"c{pid}"
             if cid in self.clients:
@@ -395,7 +420,24 @@ class AgentStrategy(Strategy):
                 node_id=reply.metadata.src_node_id,
                 state=ClientState(id=cid, num_examples=n),
             )
+        for nid in sorted(unanswered):
+            self._roll_call_failed(
+                nid, server_round, f"no answer within {self.roll_call_timeout_s:g} s"
+            )
         log.info("roll call: %d clients registered", len(self.clients))
+        return online
+
+    def _roll_call_failed(self, node_id: int, server_round: int, reason: str) -> None:
+        """Log a failed roll call; ask that node again after 2**failures rounds."""
+        fails = self._roll_call_retry.get(node_id, (0, 0))[0] + 1
+        retry = server_round + min(2**fails, 32)
+        self._roll_call_retry[node_id] = (fails, retry)
+        log.warning(
+            "roll call: node %d failed (%s); asked again in round %d",
+            node_id,
+            reason,
+            retry,
+        )
 
     def _decide(self, obs: Observation) -> Decision:
         start = time.perf_counter()

@@ -61,6 +61,14 @@ class TrainConfig(_Section):
     batch_size: int = Field(32, ge=1, le=4096)
 
 
+class ClientConfig(_Section):
+    """ClientApp settings; a SuperNode's ``--node-config`` may override them."""
+
+    threads: int = Field(
+        1, ge=1, le=1024, description="torch threads; node-config 'threads' overrides"
+    )
+
+
 class StrategyConfig(_Section):
     """Which server strategy runs, and the knobs of Flower's baselines."""
 
@@ -163,6 +171,7 @@ class RunConfig(_Section):
     dataset: DatasetConfig = DatasetConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    client: ClientConfig = ClientConfig()
     strategy: StrategyConfig = StrategyConfig()
     policy: PolicyConfig = PolicyConfig()
     agent: AgentConfig = AgentConfig()

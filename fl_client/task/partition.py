@@ -3,7 +3,9 @@
 A stratified share is held out as the server's centralized test set, never seen by any
 client. The rest is partitioned with ``flwr-datasets`` partitioners (IID, Dirichlet,
 pathological) run on an in-memory Hugging Face dataset of indices and labels, and each
-partition is split again into the client's own train and test parts.
+partition is split again into the client's own train and test parts. scikit-learn and
+``flwr-datasets`` are imported when a split is made, not with this module: a device
+with its own data (``fl_client.task.local_data``) needs neither.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from orchestration.config import RunConfig
 
@@ -32,6 +33,8 @@ def central_split(
     y: np.ndarray, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(client_pool_idx, central_test_idx)``, stratified by label."""
+    from sklearn.model_selection import train_test_split
+
     idx = np.arange(len(y))
     pool, test = train_test_split(
         idx, test_size=test_fraction, random_state=seed, stratify=y
