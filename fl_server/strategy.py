@@ -147,6 +147,11 @@ class AgentStrategy(Strategy):
         self._spec: ModelSpec | None = None
         self._num_rounds = 1
         self._last_accuracy: float | None = None
+        # Orchestration hooks (orchestration.session): the plan shown to the
+        # policy, a model to restart from (rollback), decisions to replay (resume).
+        self.plan: dict[str, Any] = {"plan": "default"}
+        self.restore_arrays: ArrayRecord | None = None
+        self.replay: dict[tuple[int, str], dict[str, Any]] = {}
 
     # ----------------------------------------------------------------- Flower API
     def summary(self) -> None:
@@ -174,6 +179,8 @@ class AgentStrategy(Strategy):
     ) -> Iterable[Message]:
         """Roll-call new nodes, ask the policy whom to train and how."""
         self.info = RoundInfo()
+        if self.restore_arrays is not None:
+            arrays, self.restore_arrays = self.restore_arrays, None
         self._register_nodes(grid)
         self._spec = ModelSpec.of(arrays)
         self._global = flatten_arrays(arrays.to_numpy_ndarrays())
@@ -200,6 +207,7 @@ class AgentStrategy(Strategy):
             limits=limits,
             clients=tuple(eligible),
             last_accuracy=self._last_accuracy,
+            **self.plan,
         )
         decision = self._decide(obs)
         self.info.selected = list(decision.selected)
@@ -291,6 +299,7 @@ class AgentStrategy(Strategy):
             clients=tuple(self.clients[c].state for c in ids),
             replies=features,
             last_accuracy=self._last_accuracy,
+            **self.plan,
         )
         decision = self._decide(obs)
         if self.telemetry is not None:
@@ -345,8 +354,9 @@ class AgentStrategy(Strategy):
 
     def _register_nodes(self, grid: Grid) -> None:
         """Ask nodes not seen before for their partition id and data size."""
+        live = set(grid.get_node_ids())
         known = {c.node_id for c in self.clients.values()}
-        new = sorted(set(grid.get_node_ids()) - known)
+        new = sorted(live - known)
         if not new:
             return
         msgs = [
@@ -369,6 +379,9 @@ class AgentStrategy(Strategy):
                 )
                 continue
             cid = f"c{pid}"
+            if cid in self.clients and self.clients[cid].node_id not in live:
+                self.clients[cid].node_id = reply.metadata.src_node_id  # resumed
+                continue
             if cid in self.clients:
                 log.warning(
                     "roll call: two nodes claim partition %d; keeping the first", pid
@@ -383,15 +396,24 @@ class AgentStrategy(Strategy):
     def _decide(self, obs: Observation) -> Decision:
         start = time.perf_counter()
         fallback_reason = ""
-        try:
-            raw = self.policy.decide(obs)
-        except Exception as e:  # noqa: BLE001 - any policy failure falls back
-            fallback_reason = f"policy raised {type(e).__name__}: {e}"
-            raw = self.fallback.decide(obs).model_copy(update={"source": "fallback"})
+        logged = self.replay.pop((obs.round, obs.phase), None)
+        if logged is not None:  # resumed run: reuse the decision logged before
+            raw = Decision.model_validate(logged["decision"])
+            fallback_reason = logged.get("fallback_reason") or ""
+        else:
+            try:
+                raw = self.policy.decide(obs)
+            except Exception as e:  # noqa: BLE001 - any policy failure falls back
+                fallback_reason = f"policy raised {type(e).__name__}: {e}"
+                raw = self.fallback.decide(obs).model_copy(
+                    update={"source": "fallback"}
+                )
         guarded = guard(raw, obs)
         latency = time.perf_counter() - start
         decision = guarded.decision
         call = self.telemetry.record(obs) if self.telemetry is not None else None
+        if logged is not None:
+            call = logged.get("llm")
         if call is not None:
             self.llm_latencies.append(float(call["latency_s"]))
             fallback_reason = fallback_reason or (call.get("fallback_reason") or "")
