@@ -12,8 +12,9 @@ the guard's lr range and weight limits) and shows to the policy in every
                     at the maximum, the learning rate times ``lr_backoff``
 ``divergence``      roll back to the last good checkpoint (the best accuracy so
                     far), learning rate (and its guard range) times
-                    ``lr_backoff``, ``max_weight_share`` times 0.75; at most
-                    ``max_rollbacks`` times, then only the tightening
+                    ``lr_backoff``, no client above the default learning rate
+                    (``lr_cap``), ``max_weight_share`` times 0.75; at most
+                    ``max_rollbacks`` rollbacks, then only the tightening
 ``suspected_attack`` ``weight_trust`` and ``max_weight_share`` times 0.75
 ``straggler_storm`` one default local epoch fewer
 ``target_reached``  stop early
@@ -66,6 +67,7 @@ class Plan:
     replans: int = 0
     local_epochs: int = 1
     lr_scale: float = 1.0
+    lr_cap: float | None = None
     max_weight_share: float = 0.5
     weight_trust: float = 3.0
     exploration: float = 0.2
@@ -99,6 +101,7 @@ def replan(plan: Plan, event: MonitorEvent, s: PlannerSettings, good: int) -> Pl
         if 0 <= good < r:
             upd["rollback_to"] = good
         upd["lr_scale"] = p.lr_scale * s.lr_backoff
+        upd["lr_cap"] = 1.0
         upd["max_weight_share"] = max(s.min_weight_share, p.max_weight_share * 0.75)
     elif event.kind == "suspected_attack":
         upd["weight_trust"] = max(1.0, p.weight_trust * 0.75)

@@ -346,10 +346,13 @@ class RunSession:
         base_lr, base = self._base
         a.local_epochs = plan.local_epochs
         a.lr = base_lr * plan.lr_scale
+        lr_max = base.lr_max * plan.lr_scale
+        if plan.lr_cap is not None:
+            lr_max = max(min(lr_max, a.lr * plan.lr_cap), base.lr_min * plan.lr_scale)
         a.limits = base.model_copy(
             update={
                 "lr_min": base.lr_min * plan.lr_scale,
-                "lr_max": base.lr_max * plan.lr_scale,
+                "lr_max": lr_max,
                 "max_weight_share": plan.max_weight_share,
                 "weight_trust": plan.weight_trust,
             }
