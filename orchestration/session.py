@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,6 +135,7 @@ class RunSession:
                 run_dir / "checkpoints", cfg.checkpoint.keep, config=cfg.to_flat()
             )
         self.stop_reason: str | None = None
+        self.resume_s: float | None = None
         self.rollbacks: list[dict[str, int]] = []
         self._best_arrays: ArrayRecord | None = None
         self._tensorboard: TensorBoardScalars | None = None
@@ -201,6 +203,7 @@ class RunSession:
         CheckpointError
             No valid checkpoint, or one written under a different config.
         """
+        t0 = time.perf_counter()
         files = ("results.jsonl", "decisions.jsonl", "events.jsonl")
         if not self.cfg.resume:
             for name in files:
@@ -233,13 +236,15 @@ class RunSession:
             self.agent.replay = {(e["round"], e["phase"]): e for e in later}
         if self.planner is not None:
             self._apply(self.planner.plan)
+        self.resume_s = time.perf_counter() - t0
         log.info(
-            "resuming %s after round %d of %d (checkpoint %s; %d logged decisions "
-            "to replay)",
+            "resuming %s after round %d of %d (checkpoint %s restored in %.3fs; %d "
+            "logged decisions to replay)",
             self.run_dir,
             r,
             self.cfg.num_rounds,
             ckpt.path,
+            self.resume_s,
             len(later),
         )
         if self.agent is not None and self.agent.restore_arrays is not None:
@@ -271,6 +276,7 @@ class RunSession:
         out: dict[str, Any] = {
             "hub": self.hub.stats(),
             "monitor_events": dict(self.monitor.counts),
+            "resume_s": self.resume_s,
         }
         if self.checkpointer is not None:
             out["checkpoint"] = self.checkpointer.stats()
@@ -326,8 +332,6 @@ class RunSession:
 
     def _checkpoint(self, report: RoundReport) -> None:
         assert self.checkpointer is not None
-        import time
-
         t0 = time.perf_counter()
         path = self.checkpointer.save(report.round, arrays_to_numpy(report.arrays))
         self.hub.publish(
