@@ -163,3 +163,67 @@ def test_resume_after_a_corrupted_checkpoint_reruns_from_the_previous(
     assert summary["resumed_after_round"] == 1
     assert results(tmp_path / "k") == results(tmp_path / "ref")
     assert same_model(tmp_path / "k" / "model.pt", tmp_path / "ref" / "model.pt")
+
+
+def test_resume_reuses_logged_decisions_instead_of_asking_the_policy(
+    tmp_path: Path,
+) -> None:
+    """Round 3's train decision was logged before the kill: it is replayed."""
+    from agent_strategy import Decision, DeterministicPolicy, Observation
+    from fl_server.policy_setup import PolicySetup
+    from fl_server.server_app import _run_server
+
+    ref = _cfg(tmp_path, "ref")
+    run_server(InProcessGrid(make_client_app(ref), ref.num_clients), ref)
+    flat = {**SHORT, "output_dir": str(tmp_path), "run_name": "k"}
+    assert run_child(inprocess_cmd(flat), kill_round=3).returncode == -signal.SIGKILL
+
+    asked: list[tuple[int, str]] = []
+
+    class Counting(DeterministicPolicy):
+        def decide(self, obs: Observation) -> Decision:
+            asked.append((obs.round, obs.phase))
+            return super().decide(obs)
+
+    cfg = _cfg(tmp_path, "k", resume=str(tmp_path / "k"))
+    det = DeterministicPolicy(seed=0, exploration=0.2)
+    _run_server(
+        InProcessGrid(make_client_app(cfg), cfg.num_clients),
+        cfg,
+        PolicySetup(Counting(seed=0, exploration=0.2), det),
+    )
+
+    assert asked == [(3, "aggregate"), (4, "train"), (4, "aggregate")]
+    assert results(tmp_path / "k") == results(tmp_path / "ref")
+    lines = (tmp_path / "k" / "decisions.jsonl").read_text().splitlines()
+    assert [(e["round"], e["phase"]) for e in map(json.loads, lines)] == [
+        (r, p) for r in (1, 2, 3, 4) for p in ("train", "aggregate")
+    ]
+
+
+def test_llm_state_roundtrip_keeps_history_budget_and_breaker() -> None:
+    from agent_strategy import DeterministicPolicy
+    from agent_strategy.llm import Budget, LLMPolicy, RoundSummary
+    from agent_strategy.llm.budget import Usage
+    from fl_server.state import LLMState
+
+    def make() -> LLMPolicy:
+        return LLMPolicy(
+            "openai/stub-model",
+            fallback=DeterministicPolicy(),
+            budget=Budget(max_calls=10, max_cost_usd=1.0),
+        )
+
+    a = make()
+    a.remember(RoundSummary(1, 0.5, 4, 1, 0.7, 1.2, 0.3, 1))
+    a.budget.charge(Usage(100, 20), 0.25)
+    a.calls, a._consecutive_failures, a._paused_until = 7, 2, 12
+    a.fallbacks["timeout"] += 3
+
+    b = make()
+    LLMState(b).load_state_dict(LLMState(a).state_dict())
+
+    assert list(b.history) == list(a.history)
+    assert b.budget.state_dict() == a.budget.state_dict()
+    assert (b.calls, b._consecutive_failures, b._paused_until) == (7, 2, 12)
+    assert b.fallbacks == a.fallbacks
