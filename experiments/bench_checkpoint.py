@@ -15,7 +15,9 @@ strategy with ``policy.name=deterministic``), through Flower's simulation engine
    resumed here with ``resume=<its run dir>``: restore time (reading and verifying
    the checkpoint, restoring every part, rewriting the logs), the resumed process's
    wall time, and whether it ended equal to run 1 (results without wall-clock
-   fields, model bitwise).
+   fields, model bitwise);
+4. run 1 again with one more hub subscriber that sleeps ``--slow-s`` per report
+   (``drop_oldest``, queue of 1): round time against run 1, and its drop count.
 
 Writes ``--out`` (default ``experiments/results/checkpoint.md``) and a JSON twin.
 Target: median checkpoint cost < 5% of the median round; exit status 1 if missed.
@@ -83,7 +85,37 @@ def _kill_run(out: Path, rounds: int, kill_round: int) -> float:
     return time.perf_counter() - t0
 
 
-def measure(rounds: int, kill_round: int, work: Path) -> dict[str, Any]:
+def _with_slow_subscriber(cfg: RunConfig, slow_s: float) -> dict[str, Any]:
+    """Run ``cfg`` with a subscriber that sleeps ``slow_s`` per round report.
+
+    Flower's simulation runs the ServerApp in a thread of this process, so wrapping
+    ``RunSession.wire`` here adds the subscriber without changing a project file.
+    """
+    from orchestration.session import RunSession
+    from orchestration.topics import RoundReport
+
+    original = RunSession.wire
+
+    def wire(self: RunSession, recorder: Any) -> None:
+        original(self, recorder)
+        self.hub.subscribe(
+            RoundReport,
+            lambda m: time.sleep(slow_s),
+            name="slow",
+            delivery="drop_oldest",
+            maxsize=1,
+        )
+
+    RunSession.wire = wire  # type: ignore[method-assign]
+    try:
+        return run_experiment(cfg)
+    finally:
+        RunSession.wire = original  # type: ignore[method-assign]
+
+
+def measure(
+    rounds: int, kill_round: int, work: Path, slow_s: float = 2.0
+) -> dict[str, Any]:
     """Run the three measurements; return the figures."""
     base = {
         "policy.name": "deterministic",
@@ -100,6 +132,9 @@ def measure(rounds: int, kill_round: int, work: Path) -> dict[str, Any]:
         RunConfig.from_flat({**base, "resume": str(work / "killed")})
     )
     resume_wall = time.perf_counter() - t0
+    slow = _with_slow_subscriber(
+        RunConfig.from_flat({**base, "run_name": "slow"}), slow_s
+    )
 
     ck = on["orchestration"]["checkpoint"]
     walls = [r["wall_s"] for r in _results(work / "on") if r["round"] > 0]
@@ -125,12 +160,21 @@ def measure(rounds: int, kill_round: int, work: Path) -> dict[str, Any]:
         "killed_process_s": round(killed_s, 3),
         "restore_s": resumed["orchestration"]["resume_s"],
         "resumed_process_s": round(resume_wall, 3),
-        "rounds_rerun": rounds - resumed["resumed_after_round"],
+        "rounds_after_resume": rounds - resumed["resumed_after_round"],
         "resumed_equal_results": strip == strip_resumed,
         "resumed_equal_model": _same_model(
             work / "on" / "model.pt", work / "killed" / "model.pt"
         ),
         "final_accuracy": on["final_accuracy"],
+        "slow_s": slow_s,
+        "round_s_median_slow": slow["median_round_s"],
+        "run_wall_s_slow": slow["wall_s"],
+        "slow_subscriber": slow["orchestration"]["hub"]["subscribers"]["slow"],
+        "slow_equal_results": [
+            {k: v for k, v in r.items() if k != "wall_s"}
+            for r in _results(work / "slow")
+        ]
+        == strip,
         "load_average_1m": os.getloadavg()[0],
         "cpus": os.cpu_count(),
     }
@@ -139,6 +183,10 @@ def measure(rounds: int, kill_round: int, work: Path) -> dict[str, Any]:
 def render(m: dict[str, Any]) -> str:
     """Return the Markdown report."""
     ok = "met" if m["cost_median"] < TARGET else "MISSED"
+    sub = m["slow_subscriber"]
+    rs = f"{m['round_s_median_on']:.3f} s / {m['round_s_median_slow']:.3f} s"
+    rw = f"{m['run_wall_s_on']:.1f} s / {m['run_wall_s_slow']:.1f} s"
+    odd = f"{sub['offered']} / {sub['delivered']} / {sub['dropped']}"
     return f"""# Checkpoint cost and resume time
 
 `python -m experiments.bench_checkpoint --rounds {m["rounds"]} --kill-round \
@@ -164,12 +212,23 @@ the machine).
 | restore (read + verify checkpoint, restore parts, rewrite logs) | \
 {1000 * m["restore_s"]:.1f} ms |
 | resumed process, start to summary (Ray start included) | \
-{m["resumed_process_s"]:.1f} s for {m["rounds_rerun"]} rounds |
+{m["resumed_process_s"]:.1f} s for {m["rounds_after_resume"]} rounds |
 | resumed run equals the uninterrupted one: results / model (bitwise) | \
 {m["resumed_equal_results"]} / {m["resumed_equal_model"]} |
 
 The round wall differs between the on and off runs by machine noise more than by the
 save time; the save time itself is measured inside the checkpointer.
+
+Comm hub under a slow subscriber (sleeps {m["slow_s"]:g} s per round report,
+`drop_oldest`, queue of 1), same run again:
+
+| figure | value |
+|---|---|
+| round wall, median: without / with the slow subscriber | {rs} |
+| run wall: without / with | {rw} |
+| reports offered / delivered / dropped | {odd} |
+| publisher blocked | {sub["publisher_blocked_s"]:.6f} s |
+| same results as without it | {m["slow_equal_results"]} |
 """
 
 
@@ -181,13 +240,14 @@ def main() -> int:
     ap.add_argument(
         "--out", type=Path, default=ROOT / "experiments/results/checkpoint.md"
     )
+    ap.add_argument("--slow-s", type=float, default=2.0)
     ap.add_argument("--from-json", type=Path, default=None)
     args = ap.parse_args()
     if args.from_json:
         m = json.loads(args.from_json.read_text())
     else:
         with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
-            m = measure(args.rounds, args.kill_round, Path(tmp))
+            m = measure(args.rounds, args.kill_round, Path(tmp), args.slow_s)
         args.out.with_suffix(".json").write_text(json.dumps(m, indent=2))
     args.out.write_text(render(m))
     print(render(m))
