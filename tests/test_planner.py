@@ -211,3 +211,30 @@ def test_planted_divergence_is_rolled_back_and_the_run_recovers(
 
     control, _, _ = _planted(tmp_path, planner=False)
     assert control[-1]["accuracy"] < good - 0.2  # without the planner: no recovery
+
+
+def test_target_reached_stops_the_run_early_with_a_complete_summary(
+    tmp_path: Path,
+) -> None:
+    cfg = RunConfig.from_flat(
+        {
+            **SHORT,
+            "num_rounds": 6,
+            "output_dir": str(tmp_path),
+            "run_name": "t",
+            "planner.enabled": True,
+            "planner.target_accuracy": 0.6,
+        }
+    )
+    from fl_server.server_app import run_server
+
+    summary = run_server(InProcessGrid(make_client_app(cfg), cfg.num_clients), cfg)
+
+    rows = [
+        json.loads(x)
+        for x in (tmp_path / "t" / "results.jsonl").read_text().splitlines()
+    ]
+    assert summary["stopped_early"] == "target_reached"
+    assert rows[-1]["accuracy"] >= 0.6 > max(r["accuracy"] for r in rows[:-1])
+    assert summary["rounds"] == rows[-1]["round"] < 6
+    assert (tmp_path / "t" / "model.pt").exists()
