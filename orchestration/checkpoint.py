@@ -17,6 +17,10 @@ the target (``os.replace``, atomic on POSIX). Loading verifies the length and th
 SHA-256; a truncated or corrupted file is skipped with a warning and the previous
 checkpoint is used. The last ``keep`` checkpoints are kept, plus any round a
 component pins (the planner pins its last good round, for rollbacks).
+
+The payload is a pickle (numpy arrays and the RNG states need no conversion): the
+checksum detects damage, not tampering, so resume only from run directories you
+trust, as with ``torch.load(weights_only=False)``.
 """
 
 from __future__ import annotations
