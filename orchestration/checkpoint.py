@@ -167,6 +167,9 @@ class Checkpointer:
             raise ValueError(f"checkpoint keep={keep} must be >= 2")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        for stale in self.directory.glob(".ckpt-*"):  # a write killed midway
+            log.warning("removing the unfinished checkpoint write %s", stale.name)
+            stale.unlink(missing_ok=True)
         self.keep = keep
         self.config = dict(config or {})
         self.parts: dict[str, Stateful] = {}

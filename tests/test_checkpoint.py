@@ -93,6 +93,18 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(
     assert "round 2 unusable" in caplog.text
 
 
+def test_an_unfinished_write_is_ignored_and_cleaned_up(tmp_path: Path) -> None:
+    ck = Checkpointer(tmp_path, keep=2)
+    ck.save(1, {"w": np.zeros(2)})
+    (tmp_path / ".ckpt-000002.bin.x1y2").write_bytes(b"AGENTFL-CKPT 1 half")
+
+    again = Checkpointer(tmp_path, keep=2)
+
+    latest = again.latest()
+    assert latest is not None and latest.round == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-000001.bin"]
+
+
 def test_restore_refuses_a_checkpoint_missing_a_part(tmp_path: Path) -> None:
     Checkpointer(tmp_path, keep=2).save(1, {})
     ck = Checkpointer(tmp_path, keep=2)
