@@ -85,8 +85,25 @@ def _kill_run(out: Path, rounds: int, kill_round: int) -> float:
     return time.perf_counter() - t0
 
 
-def _with_slow_subscriber(cfg: RunConfig, slow_s: float) -> dict[str, Any]:
-    """Run ``cfg`` with a subscriber that sleeps ``slow_s`` per round report.
+def _run(cfg: RunConfig, slow_s: float | None = None) -> dict[str, Any]:
+    """Run ``cfg`` (``slow_s``: with a slow subscriber); retry once if it failed.
+
+    The roll call can time out when Ray starts slowly on a loaded machine.
+    """
+    from orchestration.runner import RunFailedError
+
+    try:
+        return _run_once(cfg, slow_s)
+    except RunFailedError as e:
+        print(f"retrying once after: {e}", file=sys.stderr)
+        path = Path(cfg.output_dir) / cfg.run_name
+        for name in ("results.jsonl", "decisions.jsonl", "events.jsonl"):
+            (path / name).unlink(missing_ok=True)
+        return _run_once(cfg, slow_s)
+
+
+def _run_once(cfg: RunConfig, slow_s: float | None) -> dict[str, Any]:
+    """Run ``cfg``, with a subscriber that sleeps ``slow_s`` per round report.
 
     Flower's simulation runs the ServerApp in a thread of this process, so wrapping
     ``RunSession.wire`` here adds the subscriber without changing a project file.
@@ -100,12 +117,14 @@ def _with_slow_subscriber(cfg: RunConfig, slow_s: float) -> dict[str, Any]:
         original(self, recorder)
         self.hub.subscribe(
             RoundReport,
-            lambda m: time.sleep(slow_s),
+            lambda m: time.sleep(slow_s or 0.0),
             name="slow",
             delivery="drop_oldest",
             maxsize=1,
         )
 
+    if slow_s is None:
+        return run_experiment(cfg)
     RunSession.wire = wire  # type: ignore[method-assign]
     try:
         return run_experiment(cfg)
@@ -122,18 +141,16 @@ def measure(
         "num_rounds": rounds,
         "output_dir": str(work),
     }
-    on = run_experiment(RunConfig.from_flat({**base, "run_name": "on"}))
-    off = run_experiment(
-        RunConfig.from_flat({**base, "run_name": "off", "checkpoint.enabled": False})
-    )
+    on = _run(RunConfig.from_flat({**base, "run_name": "on"}))
     killed_s = _kill_run(work, rounds, kill_round)
     t0 = time.perf_counter()
     resumed = run_experiment(
         RunConfig.from_flat({**base, "resume": str(work / "killed")})
     )
     resume_wall = time.perf_counter() - t0
-    slow = _with_slow_subscriber(
-        RunConfig.from_flat({**base, "run_name": "slow"}), slow_s
+    slow = _run(RunConfig.from_flat({**base, "run_name": "slow"}), slow_s)
+    off = _run(
+        RunConfig.from_flat({**base, "run_name": "off", "checkpoint.enabled": False})
     )
 
     ck = on["orchestration"]["checkpoint"]
@@ -246,8 +263,9 @@ def main() -> int:
     if args.from_json:
         m = json.loads(args.from_json.read_text())
     else:
-        with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
-            m = measure(args.rounds, args.kill_round, Path(tmp), args.slow_s)
+        work = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
+        print(f"run directories in {work}", file=sys.stderr)
+        m = measure(args.rounds, args.kill_round, work, args.slow_s)
         args.out.with_suffix(".json").write_text(json.dumps(m, indent=2))
     args.out.write_text(render(m))
     print(render(m))
