@@ -24,6 +24,16 @@ Phase = Literal["train", "aggregate"]
 FlagKind = Literal["straggler", "faulty", "malicious"]
 Compression = Literal["none"]
 DecisionSource = Literal["deterministic", "llm", "fallback"]
+PlanReason = Literal[
+    "start",
+    "phase",
+    "plateau",
+    "divergence",
+    "suspected_attack",
+    "straggler_storm",
+    "target_reached",
+    "budget_exhausted",
+]
 
 
 class _Frozen(BaseModel):
@@ -92,6 +102,10 @@ class Observation(_Frozen):
     clients: tuple[ClientState, ...]
     replies: tuple[ReplyFeatures, ...] = ()
     plan: str = Field("default", description="the current phase of the plan")
+    plan_reason: PlanReason | None = Field(
+        None, description="why the plan last changed (orchestration.planner)"
+    )
+    plan_since_round: int | None = Field(None, ge=0, description="when it changed")
     last_accuracy: float | None = None
 
 

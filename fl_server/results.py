@@ -1,4 +1,11 @@
-"""Per-round results: centralized evaluation, one JSON line per round, progress."""
+"""Per-round results: centralized evaluation, published as a round report.
+
+:class:`RoundRecorder` is the ``evaluate_fn`` Flower calls after each round; it
+evaluates, builds the round's :class:`~orchestration.topics.RoundRecord` and
+publishes a :class:`~orchestration.topics.RoundReport` on the comm hub. The results
+file (:class:`ResultsWriter`) and the console line (``orchestration.loggers``) are
+hub subscribers.
+"""
 
 from __future__ import annotations
 
@@ -6,35 +13,33 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 from fl_client.task import ArrayDataset, build_model, evaluate
+from orchestration.hub import Hub
+from orchestration.topics import RoundRecord, RoundReport
 
 from .metering import MeteredGrid
 from .strategy import AgentStrategy, RoundFailedError
 
 log = logging.getLogger("agentfl.results")
 
+__all__ = ["ResultsWriter", "RoundRecord", "RoundRecorder", "StopRun"]
 
-@dataclass(frozen=True)
-class RoundRecord:
-    """One line of ``results.jsonl``."""
 
-    round: int
-    accuracy: float
-    loss: float
-    selected: int
-    accepted: int
-    flagged: int
-    failures: int
-    source: str
-    wall_s: float
-    bytes_up: int
-    bytes_down: int
+class StopRun(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by the recorder after a round when the plan ends the run early."""
+
+    def __init__(self, server_round: int, arrays: ArrayRecord, reason: str) -> None:
+        super().__init__(f"stopped after round {server_round}: {reason}")
+        self.round = server_round
+        self.arrays = arrays
+        self.reason = reason
 
 
 class RoundRecorder:
@@ -42,8 +47,9 @@ class RoundRecorder:
 
     Flower calls it before round 1 (``server_round=0``) and after each round. It
     evaluates the global model on the central test set, reads the round's traffic from
-    the :class:`MeteredGrid` and, for the agent strategy, its round info, appends a
-    :class:`RoundRecord` to ``results.jsonl`` and logs a progress line. A round in which
+    the :class:`MeteredGrid` and, for the agent strategy, its round info, and
+    publishes a :class:`RoundReport` on ``hub``. If ``should_stop()`` is true after
+    the report's inline subscribers ran, it raises :class:`StopRun`. A round in which
     fewer than ``min_replies`` train replies succeeded raises
     :class:`RoundFailedError` (Flower's own strategies would silently keep the model).
     """
@@ -55,23 +61,29 @@ class RoundRecorder:
         test_set: ArrayDataset,
         grid: MeteredGrid,
         strategy: object,
-        results_path: Path,
+        hub: Hub,
         num_rounds: int,
         min_replies: int,
+        should_stop: Callable[[], str | None] = lambda: None,
+        llm_cost: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.model_name = model_name
         self.test_set = test_set
         self.grid = grid
         self.strategy = strategy
-        self.results_path = results_path
+        self.hub = hub
         self.num_rounds = num_rounds
         self.min_replies = min_replies
+        self.should_stop = should_stop
+        self.llm_cost = llm_cost
         self.records: list[RoundRecord] = []
+        self.first_round = 1
+        self.last_arrays: ArrayRecord | None = None
         self._t_last = time.perf_counter()
         self._t_start = self._t_last
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Evaluate ``arrays``, append the round's record, log progress."""
+        """Evaluate ``arrays``, publish the round's report; maybe stop the run."""
         now = time.perf_counter()
         wall = now - self._t_last
         traffic = self.grid.take_round()
@@ -113,29 +125,43 @@ class RoundRecorder:
             bytes_down=traffic.bytes_down,
         )
         self.records.append(rec)
-        with self.results_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(asdict(rec)) + "\n")
+        self.last_arrays = arrays
         if isinstance(self.strategy, AgentStrategy):
             self.strategy.set_last_accuracy(acc)
-        self._progress(rec, now)
+        self.hub.publish(
+            RoundReport(
+                record=rec,
+                num_rounds=self.num_rounds,
+                first_round=self.first_round,
+                elapsed_s=now - self._t_start,
+                arrays=arrays,
+                llm_cost_usd=self.llm_cost(),
+            )
+        )
         self._t_last = time.perf_counter()
+        reason = self.should_stop()
+        if reason is not None and server_round > 0:
+            raise StopRun(server_round, arrays, reason)
         return MetricRecord({"accuracy": acc, "loss": rec.loss})
 
-    def _progress(self, rec: RoundRecord, now: float) -> None:
-        elapsed = now - self._t_start
-        eta = elapsed / rec.round * (self.num_rounds - rec.round) if rec.round else 0.0
-        log.info(
-            "round %3d/%d  acc %.4f  loss %.4f  selected %2d  accepted %2d  "
-            "flagged %d  failed %d  source %-13s  %.2fs  eta %.0fs",
-            rec.round,
-            self.num_rounds,
-            rec.accuracy,
-            rec.loss,
-            rec.selected,
-            rec.accepted,
-            rec.flagged,
-            rec.failures,
-            rec.source,
-            rec.wall_s,
-            eta,
-        )
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Return the results so far (checkpoint part ``results``)."""
+        return {"records": [r.as_dict() for r in self.records]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the results so far; the next round is the first of this process."""
+        self.records = [RoundRecord(**r) for r in state["records"]]
+        self.first_round = self.records[-1].round + 1 if self.records else 1
+
+
+class ResultsWriter:
+    """Hub subscriber appending each :class:`RoundReport` to ``results.jsonl``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __call__(self, report: RoundReport) -> None:
+        """Append the report's record as one JSON line."""
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(report.record.as_dict()) + "\n")

@@ -29,18 +29,22 @@ from flwr.serverapp.strategy import Strategy
 from agent_strategy import DeterministicPolicy, Limits
 from fl_client.task import build_model, split_for
 from orchestration.config import RunConfig
+from orchestration.session import RunSession, resume_dir
 
 from .baselines import build_baseline
 from .metering import MeteredGrid
 from .policy_setup import PolicySetup, open_policy
-from .results import RoundRecorder
+from .results import RoundRecorder, StopRun
+from .resume import RoundOffset, offset_evaluate
 from .strategy import AgentStrategy
 
 log = logging.getLogger("agentfl.server")
 
 
 def run_dir_for(cfg: RunConfig) -> Path:
-    """Return (and create) the directory this run writes to."""
+    """Return (and create) the directory this run writes to (``resume``'s if set)."""
+    if cfg.resume:
+        return resume_dir(cfg)
     name = cfg.run_name or (
         f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.strategy.name}-s{cfg.seed}"
     )
@@ -146,8 +150,6 @@ def _run_server(
     run_dir = run_dir_for(cfg)
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
     (run_dir / "environment.json").write_text(json.dumps(environment(), indent=2))
-    results_path = run_dir / "results.jsonl"
-    results_path.unlink(missing_ok=True)
     _, central = split_for(cfg)
     model = build_model(
         cfg.model.name, central.input_shape, central.num_classes, cfg.seed
@@ -157,32 +159,46 @@ def _run_server(
     if isinstance(strategy, AgentStrategy):
         strategy.set_num_rounds(cfg.num_rounds)
     metered = MeteredGrid(grid)
+    llm = setup.telemetry.llm if setup is not None and setup.telemetry else None
+    session = RunSession(cfg, run_dir, strategy, llm=llm)
     recorder = RoundRecorder(
         model_name=cfg.model.name,
         test_set=central,
         grid=metered,
         strategy=strategy,
-        results_path=results_path,
+        hub=session.hub,
         num_rounds=cfg.num_rounds,
         min_replies=cfg.min_replies,
+        should_stop=session.should_stop,
+        llm_cost=session.llm_cost,
     )
+    session.wire(recorder)
+    done, initial = session.begin(initial)
     log.info("run %s: writing to %s", cfg.strategy.name, run_dir)
-    result = strategy.start(
-        grid=metered,
-        initial_arrays=initial,
-        num_rounds=cfg.num_rounds,
-        timeout=cfg.round_timeout_s,
-        train_config=ConfigRecord(
-            {"local-epochs": cfg.train.local_epochs, "lr": cfg.train.lr}
-        ),
-        evaluate_fn=recorder,
-    )
+    stopped: str | None = None
+    try:
+        result = RoundOffset(strategy, done, session.maybe_kill).start(
+            grid=metered,
+            initial_arrays=initial,
+            num_rounds=cfg.num_rounds - done,
+            timeout=cfg.round_timeout_s,
+            train_config=ConfigRecord(
+                {"local-epochs": cfg.train.local_epochs, "lr": cfg.train.lr}
+            ),
+            evaluate_fn=offset_evaluate(recorder, done),
+        )
+        final_arrays = result.arrays if done < cfg.num_rounds else initial
+    except StopRun as stop:
+        stopped, final_arrays = stop.reason, stop.arrays
+        log.info("%s", stop)
+    finally:
+        orchestration = session.close()
     rounds_done = sum(1 for r in recorder.records if r.round > 0)
-    if rounds_done != cfg.num_rounds:
+    if rounds_done != cfg.num_rounds and stopped is None:
         raise RuntimeError(
             f"run ended after {rounds_done} of {cfg.num_rounds} rounds; see the log"
         )
-    torch.save(result.arrays.to_torch_state_dict(), run_dir / "model.pt")
+    torch.save(final_arrays.to_torch_state_dict(), run_dir / "model.pt")
     final = recorder.records[-1]
     walls = [r.wall_s for r in recorder.records if r.round > 0]
     summary: dict[str, object] = {
@@ -204,6 +220,9 @@ def _run_server(
         if isinstance(strategy, AgentStrategy)
         else {},
         "run_dir": str(run_dir),
+        "stopped_early": stopped,
+        "resumed_after_round": done if cfg.resume else None,
+        "orchestration": orchestration,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -155,6 +155,11 @@ class AgentStrategy(Strategy):
         self._num_rounds = 1
         self._last_accuracy: float | None = None
         self._returned: ArrayRecord | None = None
+        # Orchestration hooks (orchestration.session): the plan shown to the
+        # policy, a model to restart from (rollback), decisions to replay (resume).
+        self.plan: dict[str, Any] = {"plan": "default"}
+        self.restore_arrays: ArrayRecord | None = None
+        self.replay: dict[tuple[int, str], dict[str, Any]] = {}
 
     # ----------------------------------------------------------------- Flower API
     def summary(self) -> None:
@@ -182,11 +187,13 @@ class AgentStrategy(Strategy):
     ) -> Iterable[Message]:
         """Roll-call new nodes, ask the policy whom to train and how."""
         self.info = RoundInfo()
+        if self.restore_arrays is not None:
+            arrays, self.restore_arrays = self.restore_arrays, None
         self._sent = {}
         online = self._register_nodes(grid, server_round)
         if arrays is not self._returned:
             # Flower hands back the record aggregate_train returned; only a new one
-            # (round 1, or a caller's own) needs decoding.
+            # (round 1, a restored or a caller's own) needs decoding.
             self._spec = ModelSpec.of(arrays)
             self._global = flatten_arrays(arrays.to_numpy_ndarrays())
         eligible = [c.state for c in self._ordered_clients() if c.node_id in online]
@@ -212,6 +219,7 @@ class AgentStrategy(Strategy):
             limits=limits,
             clients=tuple(eligible),
             last_accuracy=self._last_accuracy,
+            **self.plan,
         )
         decision = self._decide(obs)
         self.info.selected = list(decision.selected)
@@ -319,6 +327,7 @@ class AgentStrategy(Strategy):
             clients=tuple(self.clients[c].state for c in ids),
             replies=features,
             last_accuracy=self._last_accuracy,
+            **self.plan,
         )
         decision = self._decide(obs)
         if self.telemetry is not None:
@@ -411,6 +420,9 @@ class AgentStrategy(Strategy):
                 self._roll_call_failed(nid, server_round, "malformed ids")
                 continue
             cid = f"c{pid}"
+            if cid in self.clients and self.clients[cid].node_id not in online:
+                self.clients[cid].node_id = reply.metadata.src_node_id  # resumed
+                continue
             if cid in self.clients:
                 log.warning(
                     "roll call: two nodes claim partition %d; keeping the first", pid
@@ -442,15 +454,24 @@ class AgentStrategy(Strategy):
     def _decide(self, obs: Observation) -> Decision:
         start = time.perf_counter()
         fallback_reason = ""
-        try:
-            raw = self.policy.decide(obs)
-        except Exception as e:  # noqa: BLE001 - any policy failure falls back
-            fallback_reason = f"policy raised {type(e).__name__}: {e}"
-            raw = self.fallback.decide(obs).model_copy(update={"source": "fallback"})
+        logged = self.replay.pop((obs.round, obs.phase), None)
+        if logged is not None:  # resumed run: reuse the decision logged before
+            raw = Decision.model_validate(logged["decision"])
+            fallback_reason = logged.get("fallback_reason") or ""
+        else:
+            try:
+                raw = self.policy.decide(obs)
+            except Exception as e:  # noqa: BLE001 - any policy failure falls back
+                fallback_reason = f"policy raised {type(e).__name__}: {e}"
+                raw = self.fallback.decide(obs).model_copy(
+                    update={"source": "fallback"}
+                )
         guarded = guard(raw, obs)
         latency = time.perf_counter() - start
         decision = guarded.decision
         call = self.telemetry.record(obs) if self.telemetry is not None else None
+        if logged is not None:
+            call = logged.get("llm")
         if call is not None:
             self.llm_latencies.append(float(call["latency_s"]))
             fallback_reason = fallback_reason or (call.get("fallback_reason") or "")

@@ -152,6 +152,40 @@ class AgentConfig(_Section):
     route: RouteConfig = RouteConfig()
 
 
+class CheckpointConfig(_Section):
+    """Per-round checkpoints (``<run dir>/checkpoints``), for ``resume=<run dir>``."""
+
+    enabled: bool = Field(True, description="write a checkpoint after every round")
+    keep: int = Field(2, ge=2, le=1000, description="latest checkpoints kept")
+
+
+class PlannerConfig(_Section):
+    """The planner and the monitor's thresholds (``orchestration.planner``)."""
+
+    enabled: bool = Field(False, description="re-plan on monitor events")
+    target_accuracy: float = Field(0.0, ge=0, le=1, description="stop; 0 = none")
+    warmup_rounds: int = Field(0, ge=0, description="broad exploration phase")
+    finetune_rounds: int = Field(0, ge=0, description="final phase, half the lr")
+    plateau_window: int = Field(5, ge=2, le=1000)
+    plateau_delta: float = Field(0.002, ge=0, le=1)
+    divergence_window: int = Field(3, ge=2, le=1000)
+    collapse_drop: float = Field(0.2, gt=0, le=1, description="accuracy drop")
+    attack_flag_share: float = Field(0.3, gt=0, le=1)
+    storm_failure_share: float = Field(0.5, gt=0, le=1)
+    lr_backoff: float = Field(0.5, gt=0, lt=1)
+    max_rollbacks: int = Field(3, ge=0)
+    budget_bytes: int = Field(0, ge=0, description="0 = no cap")
+    budget_llm_cost_usd: float = Field(0.0, ge=0, description="0 = no cap")
+    budget_wall_s: float = Field(0.0, ge=0, description="0 = no cap")
+
+
+class HubConfig(_Section):
+    """The comm hub's queues and the optional loggers."""
+
+    queue_size: int = Field(64, ge=1, le=100_000)
+    tensorboard: bool = Field(False, description="needs the tensorboard package")
+
+
 class RunConfig(_Section):
     """Everything one run needs; see the README for each key."""
 
@@ -168,6 +202,9 @@ class RunConfig(_Section):
         "", description="sub-directory of output_dir; empty: <time>-<strategy>-s<seed>"
     )
     client_cpus: float = Field(1.0, gt=0, description="Ray CPUs per client actor")
+    resume: str = Field(
+        "", description="run directory of a killed run to continue; '' = new run"
+    )
     dataset: DatasetConfig = DatasetConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -175,6 +212,9 @@ class RunConfig(_Section):
     strategy: StrategyConfig = StrategyConfig()
     policy: PolicyConfig = PolicyConfig()
     agent: AgentConfig = AgentConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    planner: PlannerConfig = PlannerConfig()
+    hub: HubConfig = HubConfig()
 
     @model_validator(mode="after")
     def _check_cross_field(self) -> RunConfig:
@@ -202,6 +242,13 @@ class RunConfig(_Section):
             raise ValueError(
                 f"strategy.krum_keep={self.strategy.krum_keep} must be at most "
                 f"clients_per_round={self.clients_per_round}"
+            )
+        pl = self.planner
+        if pl.warmup_rounds + pl.finetune_rounds > self.num_rounds:
+            raise ValueError(
+                f"planner.warmup_rounds + planner.finetune_rounds = "
+                f"{pl.warmup_rounds + pl.finetune_rounds} must be at most "
+                f"num_rounds={self.num_rounds}"
             )
         return self
 
