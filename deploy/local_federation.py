@@ -106,6 +106,9 @@ class Federation:
     port: int = 0
     client_bin: Path | None = None
     procs: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
+    # SuperNode commands, to restart one whose free port was taken meanwhile.
+    commands: dict[str, list[str]] = field(default_factory=dict)
+    port_retries: dict[str, int] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -283,7 +286,21 @@ class Federation:
             str(free_port()),
             *extra,
         ]
-        return self.spawn(name or f"supernode_{index}", cmd, env=self.client_env)
+        name = name or f"supernode_{index}"
+        self.commands[name] = cmd
+        return self.spawn(name, cmd, env=self.client_env)
+
+    def _port_clash(self, name: str) -> bool:
+        """Tell whether ``name``'s latest start failed because its port was taken."""
+        clashes = sum(
+            "address already in use" in line or "errno 98" in line
+            for line in self.log_of(name).lower().splitlines()
+        )
+        return (
+            clashes > 0
+            and self.port_retries.get(name, 0) < 3
+            and (clashes > self.port_retries.get(name, 0))
+        )
 
     def wait_online(self, count: int, timeout: float = 60.0) -> None:
         """Wait until ``count`` SuperNodes are online."""
@@ -291,12 +308,21 @@ class Federation:
         while time.monotonic() < deadline:
             if self.online_nodes() >= count:
                 return
-            for name, proc in self.procs.items():
-                if name.startswith("supernode") and proc.poll() is not None:
-                    raise RuntimeError(
-                        f"{name} exited with {proc.returncode}; see "
-                        f"{self.logs / (name + '.log')}"
-                    )
+            for name, proc in list(self.procs.items()):
+                if not name.startswith("supernode") or proc.poll() is None:
+                    continue
+                if name in self.commands and self._port_clash(name):
+                    # Another process took the free port before the SuperNode bound
+                    # it (machines shared with other jobs): start it on a new one.
+                    self.port_retries[name] = self.port_retries.get(name, 0) + 1
+                    cmd = self.commands[name]
+                    cmd[cmd.index("--port") + 1] = str(free_port())
+                    self.spawn(name, cmd, env=self.client_env)
+                    continue
+                raise RuntimeError(
+                    f"{name} exited with {proc.returncode}; see "
+                    f"{self.logs / (name + '.log')}:\n{self.log_of(name)[-1500:]}"
+                )
             time.sleep(1.0)
         raise TimeoutError(f"fewer than {count} SuperNodes online after {timeout} s")
 
