@@ -35,6 +35,7 @@ class RoundRecord:
     wall_s: float
     bytes_up: int
     bytes_down: int
+    sim_time_s: float | None = None
 
 
 class RoundRecorder:
@@ -111,12 +112,18 @@ class RoundRecorder:
             wall_s=round(wall, 4),
             bytes_up=traffic.bytes_up,
             bytes_down=traffic.bytes_down,
+            sim_time_s=None
+            if traffic.sim_time_s is None
+            else round(traffic.sim_time_s, 4),
         )
         self.records.append(rec)
         with self.results_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(asdict(rec)) + "\n")
+            row = {k: v for k, v in asdict(rec).items() if v is not None}
+            fh.write(json.dumps(row) + "\n")
         if isinstance(self.strategy, AgentStrategy):
             self.strategy.set_last_accuracy(acc)
+            if traffic.timings:
+                self.strategy.observe_timings(traffic.timings)
         self._progress(rec, now)
         self._t_last = time.perf_counter()
         return MetricRecord({"accuracy": acc, "loss": rec.loss})
