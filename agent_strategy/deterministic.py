@@ -66,8 +66,9 @@ def utilities(obs: Observation, quantile: float = 0.0) -> np.ndarray:
     to ``[0, 1]``, Oort's staleness bonus ``sqrt(0.1 * ln(round) /
     last_selected_round)`` is added, and the sum is multiplied by ``(T / t) ** 2`` if
     its expected duration ``t`` (:func:`expected_durations`) exceeds the preferred
-    duration ``T`` (:func:`preferred_duration`); clients never seen (no finite loss)
-    get ``inf``. Vectorised over clients.
+    duration ``T`` (:func:`preferred_duration`); clients never selected get ``inf``,
+    and clients selected but never heard from (failures, missed deadlines) a zero
+    statistical utility. Vectorised over clients.
     """
     cs = obs.clients
     loss = np.array(
@@ -84,7 +85,21 @@ def utilities(obs: Observation, quantile: float = 0.0) -> np.ndarray:
     pref = preferred_duration(obs, quantile)
     late = np.isfinite(dur) & (dur > pref)
     factor = np.where(late, (pref / np.where(late, dur, 1.0)) ** 2, 1.0)
-    return np.where(finite, (norm + bonus) * factor, np.inf)
+    tried = finite | np.array([c.rounds_selected > 0 for c in cs], dtype=bool)
+    return np.where(tried, (norm + bonus) * factor, np.inf)
+
+
+def cannot_meet_deadline(obs: Observation) -> np.ndarray:
+    """Return which clients miss the deadline even at ``min_epochs`` (measured)."""
+    return np.array(
+        [
+            c.epoch_s is not None
+            and c.comm_s is not None
+            and c.comm_s + c.epoch_s * obs.limits.min_epochs > obs.limits.deadline_s
+            for c in obs.clients
+        ],
+        dtype=bool,
+    )
 
 
 class DeterministicPolicy:
@@ -144,9 +159,12 @@ class DeterministicPolicy:
         n_explore = round(self.exploration * n)
         tie = rng.random(len(clients))
 
-        # Exploration: the least recently selected clients (never selected first).
+        # Exploration: the least recently selected clients (never selected first),
+        # those measured too slow for the deadline even at min_epochs last.
+        hopeless = cannot_meet_deadline(obs)
         by_staleness = sorted(
-            range(len(clients)), key=lambda i: (clients[i].last_selected_round, tie[i])
+            range(len(clients)),
+            key=lambda i: (hopeless[i], clients[i].last_selected_round, tie[i]),
         )
         chosen = by_staleness[:n_explore]
         explored = set(chosen)

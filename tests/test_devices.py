@@ -167,3 +167,36 @@ def test_system_utility_prefers_fast_clients_below_the_preferred_time() -> None:
     assert util[0] == util[2]  # same stats, both within T
     assert math.isclose(util[4] / util[0], (3.5 / 5.5) ** 2)
     assert np.all(np.diff(util[2:]) < 0)
+
+
+def test_a_client_that_never_replied_is_not_unseen_forever() -> None:
+    clients = (
+        ClientState(id="c0", num_examples=100, last_loss=1.0, last_selected_round=1),
+        ClientState(
+            id="c1", num_examples=100, rounds_selected=3, last_selected_round=3
+        ),
+        ClientState(id="c2", num_examples=100),
+    )
+    obs = plain_train_obs(round_=4, target=1, clients=clients)
+
+    util = utilities(obs)
+
+    assert np.isinf(util[2])  # never selected: explored first
+    assert np.isfinite(util[1]) and util[1] < util[0]  # tried, no loss: stat 0
+
+
+def test_exploration_puts_clients_too_slow_for_any_epochs_last() -> None:
+    clients = (
+        _timed("c0", 20.0).model_copy(update={"last_selected_round": 1}),
+        _timed("c1", 2.0).model_copy(update={"last_selected_round": 2}),
+        _timed("c2", 1.0).model_copy(update={"last_selected_round": 3}),
+    )
+    obs = plain_train_obs(
+        round_=4, target=2, clients=clients, limits=limits(deadline_s=10.0)
+    )
+
+    d = DeterministicPolicy(exploration=0.5).decide(obs)
+
+    # One exploration slot: the stalest client that can meet the deadline (c1),
+    # not c0, whose one epoch (20 s) misses the 10 s deadline.
+    assert d.selected[0] == "c1"
