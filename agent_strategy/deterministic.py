@@ -191,7 +191,10 @@ class DeterministicPolicy:
         chosen += picks
 
         selected = tuple(clients[i].id for i in chosen)
-        allocations = {clients[i].id: self._allocation(obs, clients[i]) for i in chosen}
+        target = preferred_duration(obs, self.duration_quantile)
+        allocations = {
+            clients[i].id: self._allocation(obs, clients[i], target) for i in chosen
+        }
         return Decision(
             selected=selected,
             allocations=allocations,
@@ -203,13 +206,14 @@ class DeterministicPolicy:
         )
 
     @staticmethod
-    def _allocation(obs: Observation, client: ClientState) -> Allocation:
+    def _allocation(obs: Observation, client: ClientState, target: float) -> Allocation:
         epochs = obs.default_epochs
         deadline = obs.limits.deadline_s
         if client.epoch_s is not None and client.comm_s is not None:
-            # Measured per-epoch compute: the most epochs that fit the deadline.
-            if client.comm_s + client.epoch_s * epochs > deadline:
-                room = max(deadline - client.comm_s, 0.0)
+            # Measured per-epoch compute: the most epochs that fit ``target``, the
+            # preferred round time (the deadline unless ``duration_quantile`` is set).
+            if client.comm_s + client.epoch_s * epochs > target:
+                room = max(target - client.comm_s, 0.0)
                 fit = int(room // client.epoch_s) if client.epoch_s > 0 else epochs
                 epochs = max(obs.limits.min_epochs, min(epochs, fit))
         elif client.last_duration_s is not None and client.last_duration_s > deadline:

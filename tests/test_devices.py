@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,3 +201,44 @@ def test_exploration_puts_clients_too_slow_for_any_epochs_last() -> None:
     # One exploration slot: the stalest client that can meet the deadline (c1),
     # not c0, whose one epoch (20 s) misses the 10 s deadline.
     assert d.selected[0] == "c1"
+
+
+def test_config_reaches_the_policy_and_the_agents_deadline(tmp_path: Path) -> None:
+    from fl_server.policy_setup import open_policy
+    from fl_server.server_app import build_strategy
+    from fl_server.strategy import AgentStrategy
+
+    cfg = RunConfig.from_flat(
+        {
+            "policy.name": "deterministic",
+            "policy.duration_quantile": 0.3,
+            "devices.enabled": True,
+            "devices.deadline_s": 12.0,
+        }
+    )
+
+    with open_policy(cfg) as setup:
+        strategy = build_strategy(cfg, tmp_path, setup)
+
+    assert isinstance(strategy, AgentStrategy)
+    assert isinstance(strategy.policy, DeterministicPolicy)
+    assert strategy.policy.duration_quantile == 0.3
+    assert strategy.limits.deadline_s == 12.0
+
+
+def test_allocation_targets_the_preferred_round_time() -> None:
+    clients = tuple(_timed(f"c{i}", 1.0 + i) for i in range(5))
+    obs = plain_train_obs(
+        target=5, clients=clients, limits=limits(max_clients=5, deadline_s=100.0)
+    ).model_copy(update={"default_epochs": 2})
+
+    d = DeterministicPolicy(exploration=0.0, duration_quantile=0.5).decide(obs)
+
+    # Expected at 2 epochs: 2.5, 4.5, 6.5, 8.5, 10.5 s; T = median = 6.5 s.
+    assert {c: a.local_epochs for c, a in d.allocations.items()} == {
+        "c0": 2,
+        "c1": 2,
+        "c2": 2,
+        "c3": 1,
+        "c4": 1,
+    }
