@@ -158,10 +158,19 @@ class DeterministicPolicy:
         n = min(obs.target_clients, len(clients))
         n_explore = round(self.exploration * n)
         tie = rng.random(len(clients))
+        hopeless = cannot_meet_deadline(obs)
+        if obs.limits.max_staleness > 0:
+            # Clients the guard would add as overdue are explored here instead, so
+            # they get an allocation that fits (up to half the slots, as the guard).
+            overdue = sum(
+                obs.round - c.last_selected_round > obs.limits.max_staleness
+                and not hopeless[i]
+                for i, c in enumerate(clients)
+            )
+            n_explore = max(n_explore, min(overdue, max(n // 2, 1)))
 
         # Exploration: the least recently selected clients (never selected first),
         # those measured too slow for the deadline even at min_epochs last.
-        hopeless = cannot_meet_deadline(obs)
         by_staleness = sorted(
             range(len(clients)),
             key=lambda i: (hopeless[i], clients[i].last_selected_round, tie[i]),
