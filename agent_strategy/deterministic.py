@@ -229,6 +229,10 @@ class DeterministicPolicy:
             # Scale local work down so the next round fits the deadline.
             per_epoch = client.last_duration_s / max(epochs, 1)
             epochs = max(obs.limits.min_epochs, int(deadline // per_epoch))
+        elif client.last_duration_s is None:
+            # Never timed: waiting for it past the preferred round time would hold
+            # the whole round, so its own deadline is ``target``.
+            deadline = min(deadline, target)
         return Allocation(
             local_epochs=epochs,
             lr=obs.default_lr,

@@ -7,8 +7,10 @@ the server, before dispatch, from the seed and the client's partition id:
 
 * a client that drops out of the round is not sent its message; the strategy gets an
   error reply (``simulated dropout``), as from a node gone offline;
-* a client whose simulated finish time exceeds the deadline is not sent its message
-  either (its work would arrive too late); the strategy gets an error reply
+* a client whose simulated finish time exceeds the deadline (``devices.deadline_s``,
+  or the message's shorter ``deadline-s``: a strategy may end a client's round
+  earlier, never later) is not sent its message either (its work would arrive too
+  late); the strategy gets an error reply
   (``missed the deadline``) -- unless ``partial_work`` is set: then its message asks
   for the whole local epochs that fit, and it is dropped only if not even one does;
 * a dispatched client's reply has its ``train-duration`` metric replaced by the
@@ -59,7 +61,7 @@ class RoundClock:
     round: int = 0
     timings: dict[int, Timing] = field(default_factory=dict)
     dropped_out: list[int] = field(default_factory=list)
-    late: list[int] = field(default_factory=list)
+    late: dict[int, float] = field(default_factory=dict)
     shortened: dict[int, int] = field(default_factory=dict)
     duration_s: float = 0.0
 
@@ -145,8 +147,7 @@ class DeviceSimulator:
         ok = {r.metadata.src_node_id for r in replies if not r.has_error()}
         clock.duration_s = round_duration(
             (clock.timings[n].total_s for n in ok if n in clock.timings),
-            deadline_s=self.cfg.deadline_s,
-            any_late=bool(clock.late),
+            clock.late.values(),
         )
         self.sim_time_s += clock.duration_s
         self.clock = clock
@@ -206,12 +207,20 @@ class DeviceSimulator:
             example_cost_s=self.cfg.example_cost_s,
         )
         deadline = self.cfg.deadline_s
+        asked = cfg.get("deadline-s")
+        if (
+            deadline > 0
+            and isinstance(asked, int | float)
+            and not isinstance(asked, bool)
+            and 0 < asked < deadline
+        ):
+            deadline = float(asked)  # a strategy may ask for less, never for more
         if deadline > 0 and timing.total_s > deadline:
             fit = (
                 epochs_within(deadline, timing, epochs) if self.cfg.partial_work else 0
             )
             if fit < 1:
-                clock.late.append(nid)
+                clock.late[nid] = deadline
                 clock.timings[nid] = timing
                 plan.refused.append(
                     _error(

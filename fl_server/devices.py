@@ -14,8 +14,8 @@ Model
 * the client drops out of round ``r`` with probability ``dropout`` (a fresh draw per
   round): it never replies;
 * a round lasts as long as its slowest accepted client, or the whole deadline when a
-  dispatched client missed it (the server waited for it); dropouts are disconnects the
-  server notices at once and do not hold the round.
+  dispatched client missed it (the server waited for it until then); dropouts are
+  disconnects the server notices at once and do not hold the round.
 """
 
 from __future__ import annotations
@@ -135,14 +135,12 @@ def epochs_within(deadline_s: float, timing: Timing, max_epochs: int) -> int:
 
 
 def round_duration(
-    accepted_s: Iterable[float], *, deadline_s: float, any_late: bool
+    accepted_s: Iterable[float], late_deadlines_s: Iterable[float] = ()
 ) -> float:
     """Return a round's simulated length.
 
-    The slowest accepted client's time; the deadline itself when a dispatched client
-    missed it (``any_late``), since the server waited until then. ``deadline_s <= 0``
-    means no deadline. A round with no accepted client and no late one lasts 0 s.
+    The server waits for each dispatched client until its reply or, for a client
+    that misses its deadline, until that deadline: the round lasts the longest of the
+    accepted clients' times and the deadlines missed. No client: 0 s.
     """
-    if any_late and deadline_s > 0:
-        return deadline_s
-    return max(accepted_s, default=0.0)
+    return max(max(accepted_s, default=0.0), max(late_deadlines_s, default=0.0))

@@ -109,10 +109,11 @@ def test_epochs_within_the_deadline() -> None:
 
 
 def test_round_duration() -> None:
-    assert round_duration([1.0, 3.0, 2.0], deadline_s=5.0, any_late=False) == 3.0
-    assert round_duration([1.0], deadline_s=5.0, any_late=True) == 5.0
-    assert round_duration([1.0, 4.0], deadline_s=0.0, any_late=True) == 4.0
-    assert round_duration([], deadline_s=5.0, any_late=False) == 0.0
+    assert round_duration([1.0, 3.0, 2.0]) == 3.0
+    assert round_duration([1.0, 3.0], [5.0]) == 5.0  # waited for a late client
+    assert round_duration([6.0], [5.0, 4.0]) == 6.0
+    assert round_duration([], [4.0]) == 4.0
+    assert round_duration([]) == 0.0
 
 
 def test_devices_config_bad_values_name_the_key() -> None:
@@ -242,3 +243,18 @@ def test_allocation_targets_the_preferred_round_time() -> None:
         "c3": 1,
         "c4": 1,
     }
+
+
+def test_never_timed_clients_get_the_preferred_time_as_their_deadline() -> None:
+    clients = (*(_timed(f"c{i}", 1.0 + i) for i in range(4)), ClientState(id="c4"))
+    obs = plain_train_obs(
+        round_=2, target=5, clients=clients, limits=limits(deadline_s=100.0)
+    )
+
+    d = DeterministicPolicy(exploration=0.0, duration_quantile=0.5).decide(obs)
+    plain = DeterministicPolicy(exploration=0.0).decide(obs)
+
+    # Expected at 1 epoch: 1.5, 2.5, 3.5, 4.5 s; T = median = 3.0 s.
+    assert d.allocations["c4"].deadline_s == 3.0
+    assert all(d.allocations[f"c{i}"].deadline_s == 100.0 for i in range(4))
+    assert plain.allocations["c4"].deadline_s == 100.0

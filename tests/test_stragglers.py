@@ -218,3 +218,41 @@ def test_dropouts_are_the_seeded_ones_and_do_not_hold_the_round(
         assert rows[r]["failures"] == len(gone[r])
         clock += max(compute[p] for p in dispatched[r - 1])
         assert rows[r]["sim_time_s"] == pytest.approx(clock, rel=1e-3)
+
+
+def test_a_strategy_may_ask_for_a_shorter_deadline_never_a_longer_one() -> None:
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from fl_server.device_grid import DeviceSimulator
+    from orchestration.config import DevicesConfig
+
+    cfg = DevicesConfig(
+        enabled=True,
+        speed_sigma=0.0,
+        bandwidth_median_mbps=1e9,
+        bandwidth_sigma=0.0,
+        example_cost_s=0.1,
+        deadline_s=10.0,
+    )
+    sim = DeviceSimulator(cfg, seed=0, default_epochs=1)
+    sim.nodes = {1: (0, 50), 2: (1, 50), 3: (2, 50)}  # 5 s of compute each
+
+    def msg(node: int, deadline: float | None) -> Message:
+        conf = ConfigRecord({"server-round": 1, "local-epochs": 1})
+        if deadline is not None:
+            conf["deadline-s"] = deadline
+        content = RecordDict({"config": conf})
+        return Message(content, message_type="train", dst_node_id=node)
+
+    def send(ms: list[Message]) -> list[Message]:
+        metrics = MetricRecord({"train-duration": 0.0})
+        return [Message(RecordDict({"metrics": metrics}), reply_to=m) for m in ms]
+
+    replies = sim.run_round(
+        [msg(1, None), msg(2, 4.0), msg(3, 50.0)], lambda m: 0, send
+    )
+
+    ok = {r.metadata.src_node_id for r in replies if not r.has_error()}
+    assert ok == {1, 3}  # node 2 asked for 4 s and needs 5 s
+    assert sim.clock.late == {2: 4.0}
+    assert sim.clock.duration_s == pytest.approx(5.0)
