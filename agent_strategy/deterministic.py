@@ -7,6 +7,12 @@ a staleness bonus; a share of the slots goes to the least recently seen clients 
 no client starves. Allocation gives slow clients fewer local epochs. Weights follow the
 number of examples; replies slower than the deadline are flagged as stragglers and get
 no weight.
+
+System utility is Oort's ``(T / t) ** 2`` for a client expected to take ``t > T``
+seconds: ``t`` is its last measured duration, or, when the server measured its
+per-epoch compute and communication (simulated devices), the time of a round at the
+default epochs; ``T`` is the deadline, or a quantile of the clients' expected
+durations when ``duration_quantile`` is set (Oort's preferred round duration).
 """
 
 from __future__ import annotations
@@ -22,14 +28,47 @@ from .types import (
 )
 
 
-def utilities(obs: Observation) -> np.ndarray:
+def expected_durations(obs: Observation) -> np.ndarray:
+    """Return each client's expected round time at the default epochs (nan: unknown).
+
+    ``comm_s + epoch_s * default_epochs`` where the server measured both, else the last
+    measured duration.
+    """
+    out = np.full(len(obs.clients), np.nan)
+    for i, c in enumerate(obs.clients):
+        if c.epoch_s is not None and c.comm_s is not None:
+            out[i] = c.comm_s + c.epoch_s * obs.default_epochs
+        elif c.last_duration_s is not None:
+            out[i] = c.last_duration_s
+    return out
+
+
+def preferred_duration(obs: Observation, quantile: float = 0.0) -> float:
+    """Return Oort's preferred round time ``T``: the deadline, or at most it.
+
+    With ``quantile > 0`` and some client durations known, the ``quantile`` of the
+    known expected durations (if below the deadline).
+    """
+    deadline = obs.limits.deadline_s
+    if quantile <= 0:
+        return deadline
+    known = expected_durations(obs)
+    known = known[np.isfinite(known)]
+    if known.size == 0:
+        return deadline
+    return float(min(deadline, np.quantile(known, quantile)))
+
+
+def utilities(obs: Observation, quantile: float = 0.0) -> np.ndarray:
     """Return each client's selection utility, in ``obs.clients`` order.
 
     A seen client's statistical utility ``sqrt(examples) * last_loss`` is normalised
     to ``[0, 1]``, Oort's staleness bonus ``sqrt(0.1 * ln(round) /
-    last_selected_round)`` is added, and the sum is multiplied by
-    ``(deadline / duration) ** 2`` if its last round overran the deadline; clients
-    never seen (no finite loss) get ``inf``. Vectorised over clients.
+    last_selected_round)`` is added, and the sum is multiplied by ``(T / t) ** 2`` if
+    its expected duration ``t`` (:func:`expected_durations`) exceeds the preferred
+    duration ``T`` (:func:`preferred_duration`); clients never selected get ``inf``,
+    and clients selected but never heard from (failures, missed deadlines) a zero
+    statistical utility. Vectorised over clients.
     """
     cs = obs.clients
     loss = np.array(
@@ -37,19 +76,30 @@ def utilities(obs: Observation) -> np.ndarray:
     )
     examples = np.array([max(c.num_examples, 1) for c in cs], dtype=float)
     last = np.array([max(c.last_selected_round, 1) for c in cs], dtype=float)
-    dur = np.array(
-        [np.nan if c.last_duration_s is None else c.last_duration_s for c in cs],
-        dtype=float,
-    )
+    dur = expected_durations(obs)
     finite = np.isfinite(loss)
     stat = np.where(finite, np.sqrt(examples) * np.maximum(np.nan_to_num(loss), 0), 0.0)
     top = stat[finite].max() if finite.any() else 0.0
     norm = stat / top if top > 0 else np.zeros_like(stat)
     bonus = np.sqrt(0.1 * np.log(max(obs.round, 1)) / last)
-    deadline = obs.limits.deadline_s
-    late = np.isfinite(dur) & (dur > deadline)
-    factor = np.where(late, (deadline / np.where(late, dur, 1.0)) ** 2, 1.0)
-    return np.where(finite, (norm + bonus) * factor, np.inf)
+    pref = preferred_duration(obs, quantile)
+    late = np.isfinite(dur) & (dur > pref)
+    factor = np.where(late, (pref / np.where(late, dur, 1.0)) ** 2, 1.0)
+    tried = finite | np.array([c.rounds_selected > 0 for c in cs], dtype=bool)
+    return np.where(tried, (norm + bonus) * factor, np.inf)
+
+
+def cannot_meet_deadline(obs: Observation) -> np.ndarray:
+    """Return which clients miss the deadline even at ``min_epochs`` (measured)."""
+    return np.array(
+        [
+            c.epoch_s is not None
+            and c.comm_s is not None
+            and c.comm_s + c.epoch_s * obs.limits.min_epochs > obs.limits.deadline_s
+            for c in obs.clients
+        ],
+        dtype=bool,
+    )
 
 
 class DeterministicPolicy:
@@ -65,20 +115,32 @@ class DeterministicPolicy:
     cutoff : float
         Oort's exploitation cutoff: clients within this factor of the k-th best
         utility are candidates.
+    duration_quantile : float
+        Oort's preferred round duration as this quantile of the clients' expected
+        durations (see :func:`preferred_duration`); 0 uses the deadline.
     """
 
     name = "deterministic"
 
     def __init__(
-        self, seed: int = 0, exploration: float = 0.2, cutoff: float = 0.95
+        self,
+        seed: int = 0,
+        exploration: float = 0.2,
+        cutoff: float = 0.95,
+        duration_quantile: float = 0.0,
     ) -> None:
         if not 0.0 <= exploration <= 1.0:
             raise ValueError(f"exploration must be in [0, 1], got {exploration}")
         if not 0.0 < cutoff <= 1.0:
             raise ValueError(f"cutoff must be in (0, 1], got {cutoff}")
+        if not 0.0 <= duration_quantile < 1.0:
+            raise ValueError(
+                f"duration_quantile must be in [0, 1), got {duration_quantile}"
+            )
         self.seed = seed
         self.exploration = exploration
         self.cutoff = cutoff
+        self.duration_quantile = duration_quantile
 
     def decide(self, obs: Observation) -> Decision:
         """Return a selection and allocation (train) or weights and flags."""
@@ -96,10 +158,22 @@ class DeterministicPolicy:
         n = min(obs.target_clients, len(clients))
         n_explore = round(self.exploration * n)
         tie = rng.random(len(clients))
+        hopeless = cannot_meet_deadline(obs)
+        if obs.limits.max_staleness > 0:
+            # Clients the guard would add as overdue are explored here instead, so
+            # they get an allocation that fits (up to half the slots, as the guard).
+            overdue = sum(
+                obs.round - c.last_selected_round > obs.limits.max_staleness
+                and not hopeless[i]
+                for i, c in enumerate(clients)
+            )
+            n_explore = max(n_explore, min(overdue, max(n // 2, 1)))
 
-        # Exploration: the least recently selected clients (never selected first).
+        # Exploration: the least recently selected clients (never selected first),
+        # those measured too slow for the deadline even at min_epochs last.
         by_staleness = sorted(
-            range(len(clients)), key=lambda i: (clients[i].last_selected_round, tie[i])
+            range(len(clients)),
+            key=lambda i: (hopeless[i], clients[i].last_selected_round, tie[i]),
         )
         chosen = by_staleness[:n_explore]
         explored = set(chosen)
@@ -108,7 +182,7 @@ class DeterministicPolicy:
         # Exploitation, as Oort: candidates are the clients whose utility is at least
         # ``cutoff`` times the k-th best; k of them are drawn without replacement with
         # probability proportional to utility (Gumbel top-k). Unseen clients first.
-        util = utilities(obs)
+        util = utilities(obs, self.duration_quantile)
         k = n - len(chosen)
         is_seen = np.isfinite(util)
         unseen = sorted((i for i in rest if not is_seen[i]), key=lambda i: tie[i])
@@ -126,7 +200,10 @@ class DeterministicPolicy:
         chosen += picks
 
         selected = tuple(clients[i].id for i in chosen)
-        allocations = {clients[i].id: self._allocation(obs, clients[i]) for i in chosen}
+        target = preferred_duration(obs, self.duration_quantile)
+        allocations = {
+            clients[i].id: self._allocation(obs, clients[i], target) for i in chosen
+        }
         return Decision(
             selected=selected,
             allocations=allocations,
@@ -138,18 +215,29 @@ class DeterministicPolicy:
         )
 
     @staticmethod
-    def _allocation(obs: Observation, client: ClientState) -> Allocation:
+    def _allocation(obs: Observation, client: ClientState, target: float) -> Allocation:
         epochs = obs.default_epochs
-        d = client.last_duration_s
-        if d is not None and d > obs.limits.deadline_s:
+        deadline = obs.limits.deadline_s
+        if client.epoch_s is not None and client.comm_s is not None:
+            # Measured per-epoch compute: the most epochs that fit ``target``, the
+            # preferred round time (the deadline unless ``duration_quantile`` is set).
+            if client.comm_s + client.epoch_s * epochs > target:
+                room = max(target - client.comm_s, 0.0)
+                fit = int(room // client.epoch_s) if client.epoch_s > 0 else epochs
+                epochs = max(obs.limits.min_epochs, min(epochs, fit))
+        elif client.last_duration_s is not None and client.last_duration_s > deadline:
             # Scale local work down so the next round fits the deadline.
-            per_epoch = d / max(epochs, 1)
-            epochs = max(obs.limits.min_epochs, int(obs.limits.deadline_s // per_epoch))
+            per_epoch = client.last_duration_s / max(epochs, 1)
+            epochs = max(obs.limits.min_epochs, int(deadline // per_epoch))
+        elif client.last_duration_s is None:
+            # Never timed: waiting for it past the preferred round time would hold
+            # the whole round, so its own deadline is ``target``.
+            deadline = min(deadline, target)
         return Allocation(
             local_epochs=epochs,
             lr=obs.default_lr,
             compression="none",
-            deadline_s=obs.limits.deadline_s,
+            deadline_s=deadline,
         )
 
     @staticmethod

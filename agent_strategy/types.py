@@ -50,6 +50,12 @@ class ClientState(_Frozen):
     last_selected_round: int = Field(0, ge=0, description="0 = never selected")
     last_loss: float | None = Field(None, description="last reported training loss")
     last_duration_s: float | None = Field(None, ge=0)
+    epoch_s: float | None = Field(
+        None, ge=0, description="compute seconds per local epoch, last measured"
+    )
+    comm_s: float | None = Field(
+        None, ge=0, description="seconds to download and upload the model"
+    )
     failures: int = Field(0, ge=0, description="error or rejected replies so far")
     times_flagged: int = Field(0, ge=0)
 

@@ -12,7 +12,9 @@ report, written to ``--out`` (default ``experiments/results/report/``), is:
   between groups, seeds, final accuracy mean +- sample std, rounds, median round time,
   bytes uploaded per run) and ``report.json`` with the same numbers;
 * ``accuracy_vs_round.png``: central accuracy per round, mean over seeds;
-* ``accuracy_vs_bytes.png``: the same accuracy against cumulative bytes uploaded.
+* ``accuracy_vs_bytes.png``: the same accuracy against cumulative bytes uploaded;
+* ``accuracy_vs_sim_time.png``: the same accuracy against simulated time, for the
+  groups run on simulated devices (rows with ``sim_time_s``, see ``devices.*``).
 
 Refused with exit status 2 and a message naming the cause: no input, a directory with
 no run in it, an incomplete run (a missing or malformed file, named), and, with
@@ -87,6 +89,7 @@ class GroupStats:
         if not self.llm_latencies:
             return math.nan
         return float(np.percentile(self.llm_latencies, q))
+    sim_time_curve: tuple[float, ...] = ()
 
     @property
     def label(self) -> str:
@@ -256,6 +259,12 @@ def summarise_group(
     bytes_total = [
         float(r.summary.get("bytes_up", up[i].sum())) for i, r in enumerate(runs)
     ]
+    simulated = all("sim_time_s" in x for r in runs for x in r.rows[:length])
+    sim = (
+        np.array([[float(x["sim_time_s"]) for x in r.rows[:length]] for r in runs])
+        if simulated
+        else np.zeros((0, length))
+    )
     return GroupStats(
         key=key,
         strategy=str(first.get("strategy.name", "?")),
@@ -271,7 +280,24 @@ def summarise_group(
         accuracy_curve=tuple(float(v) for v in acc.mean(axis=0)),
         cumulative_bytes_up=tuple(float(v) for v in up.cumsum(axis=1).mean(axis=0)),
         llm_latencies=tuple(x for r in runs for x in r.llm_latencies),
+        sim_time_curve=tuple(float(v) for v in sim.mean(axis=0)) if simulated else (),
     )
+
+
+def time_to_accuracy(
+    times: Sequence[float], accuracies: Sequence[float], target: float
+) -> float | None:
+    """Return the first time at which accuracy reaches ``target``; None if never.
+
+    ``times`` and ``accuracies`` are per round, in order (e.g. ``sim_time_s`` and
+    ``accuracy`` of ``results.jsonl``).
+    """
+    if len(times) != len(accuracies):
+        raise ValueError(f"{len(times)} times but {len(accuracies)} accuracies")
+    for t, a in zip(times, accuracies, strict=True):
+        if a >= target:
+            return float(t)
+    return None
 
 
 def build_report(runs: Sequence[Run], *, strict: bool = False) -> list[GroupStats]:
@@ -354,12 +380,23 @@ def write_plots(stats: Sequence[GroupStats], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for name, xlabel, xs in (
+    plots: list[tuple[str, str, Any]] = [
         ("accuracy_vs_round.png", "round", lambda s: s.rounds),
         ("accuracy_vs_bytes.png", "cumulative MB uploaded", _mb),
-    ):
+    ]
+    if any(s.sim_time_curve for s in stats):
+        plots.append(
+            (
+                "accuracy_vs_sim_time.png",
+                "simulated time, s (mean over seeds)",
+                lambda s: s.sim_time_curve,
+            )
+        )
+    for name, xlabel, xs in plots:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for s in stats:
+            if not xs(s):
+                continue
             ax.plot(xs(s), s.accuracy_curve, label=f"{s.label} (n={len(s.seeds)})")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("central accuracy (mean over seeds)")
@@ -416,6 +453,7 @@ def to_json(stats: Sequence[GroupStats]) -> list[dict[str, Any]]:
             "llm_latency_p95_s": None
             if not s.llm_latencies
             else s.llm_latency_percentile(95),
+            **({"sim_time_curve": list(s.sim_time_curve)} if s.sim_time_curve else {}),
         }
         for s in stats
     ]

@@ -9,6 +9,9 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from .device_grid import DeviceSimulator
+from .devices import Timing
+
 
 def message_bytes(content: RecordDict) -> int:
     """Return the bytes of every array in ``content`` (as Flower serialises them)."""
@@ -25,21 +28,28 @@ class TrainTraffic:
     errors: int = 0
     bytes_up: int = 0
     error_reasons: list[str] = field(default_factory=list)
+    sim_time_s: float | None = None
+    timings: dict[int, Timing] = field(default_factory=dict)
 
 
 class MeteredGrid(Grid):
     """Delegate to ``inner``; count train messages and their array bytes.
 
-    Call :meth:`take_round` once per round to read and reset the counters.
+    Call :meth:`take_round` once per round to read and reset the counters. With
+    ``devices``, train messages pass through its simulated devices and deadline
+    (:mod:`fl_server.device_grid`) and the counters carry the simulated clock.
     """
 
-    def __init__(self, inner: Grid) -> None:
+    def __init__(self, inner: Grid, devices: DeviceSimulator | None = None) -> None:
         self.inner = inner
+        self.devices = devices
         self._traffic = TrainTraffic()
 
     def take_round(self) -> TrainTraffic:
         """Return this round's counters and start new ones."""
         traffic, self._traffic = self._traffic, TrainTraffic()
+        if self.devices is not None:
+            traffic.sim_time_s = self.devices.sim_time_s
         return traffic
 
     def set_run(self, run: Run) -> None:
@@ -84,8 +94,17 @@ class MeteredGrid(Grid):
         train = [m for m in msgs if m.metadata.message_type == MessageType.TRAIN]
         t = self._traffic
         t.sent += len(train)
-        t.bytes_down += sum(message_bytes(m.content) for m in train)
-        replies = list(self.inner.send_and_receive(msgs, timeout=timeout))
+        if self.devices is not None and train:
+            rest = [m for m in msgs if m.metadata.message_type != MessageType.TRAIN]
+            replies = self._send(rest, timeout) if rest else []
+            replies += self.devices.run_round(
+                train,
+                lambda m: message_bytes(m.content),
+                lambda ms: self._send(ms, timeout),
+            )
+            t.timings = dict(self.devices.clock.timings)
+        else:
+            replies = self._send(msgs, timeout)
         for r in replies:
             if r.metadata.message_type != MessageType.TRAIN:
                 continue
@@ -95,4 +114,15 @@ class MeteredGrid(Grid):
                 t.error_reasons.append(r.error.reason or f"error code {r.error.code}")
             else:
                 t.bytes_up += message_bytes(r.content)
+        return replies
+
+    def _send(self, msgs: list[Message], timeout: float | None) -> list[Message]:
+        self._traffic.bytes_down += sum(
+            message_bytes(m.content)
+            for m in msgs
+            if m.metadata.message_type == MessageType.TRAIN
+        )
+        replies = list(self.inner.send_and_receive(msgs, timeout=timeout))
+        if self.devices is not None:
+            self.devices.learn(replies)
         return replies

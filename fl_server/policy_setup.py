@@ -78,7 +78,11 @@ def resolve_route(cfg: RunConfig) -> tuple[str, tuple[str, ...]]:
 @contextmanager
 def open_policy(cfg: RunConfig) -> Iterator[PolicySetup]:
     """Yield the configured policy; stop whatever it started on exit."""
-    det = DeterministicPolicy(seed=cfg.seed, exploration=cfg.policy.exploration)
+    det = DeterministicPolicy(
+        seed=cfg.seed,
+        exploration=cfg.policy.exploration,
+        duration_quantile=cfg.policy.duration_quantile,
+    )
     if cfg.policy.name == "deterministic":
         yield PolicySetup(det, det)
         return

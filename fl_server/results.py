@@ -123,11 +123,16 @@ class RoundRecorder:
             wall_s=round(wall, 4),
             bytes_up=traffic.bytes_up,
             bytes_down=traffic.bytes_down,
+            sim_time_s=None
+            if traffic.sim_time_s is None
+            else round(traffic.sim_time_s, 4),
         )
         self.records.append(rec)
         self.last_arrays = arrays
         if isinstance(self.strategy, AgentStrategy):
             self.strategy.set_last_accuracy(acc)
+            if traffic.timings:
+                self.strategy.observe_timings(traffic.timings)
         self.hub.publish(
             RoundReport(
                 record=rec,

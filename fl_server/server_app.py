@@ -32,6 +32,7 @@ from orchestration.config import RunConfig
 from orchestration.session import RunSession, resume_dir
 
 from .baselines import build_baseline
+from .device_grid import DeviceSimulator
 from .metering import MeteredGrid
 from .policy_setup import PolicySetup, open_policy
 from .results import RoundRecorder, StopRun
@@ -106,13 +107,17 @@ def build_strategy(
         lr_min=p.lr_factor_min * cfg.train.lr,
         lr_max=p.lr_factor_max * cfg.train.lr,
         max_weight_share=p.max_weight_share,
-        deadline_s=p.deadline_s,
+        deadline_s=_deadline(cfg),
         weight_trust=p.weight_trust,
         max_staleness=p.max_staleness,
         max_flag_share=p.max_flag_share,
     )
     if setup is None:
-        det = DeterministicPolicy(seed=cfg.seed, exploration=p.exploration)
+        det = DeterministicPolicy(
+            seed=cfg.seed,
+            exploration=p.exploration,
+            duration_quantile=p.duration_quantile,
+        )
         setup = PolicySetup(det, det)
     return AgentStrategy(
         setup.policy,
@@ -126,6 +131,12 @@ def build_strategy(
         telemetry=setup.telemetry,
         roll_call_timeout_s=min(120.0, cfg.round_timeout_s),
     )
+
+
+def _deadline(cfg: RunConfig) -> float:
+    """Return the devices' deadline when simulated and set, else the policy's."""
+    d = cfg.devices
+    return d.deadline_s if d.enabled and d.deadline_s > 0 else cfg.policy.deadline_s
 
 
 def run_server(grid: Grid, cfg: RunConfig) -> dict[str, object]:
@@ -158,7 +169,12 @@ def _run_server(
     strategy = build_strategy(cfg, run_dir, setup)
     if isinstance(strategy, AgentStrategy):
         strategy.set_num_rounds(cfg.num_rounds)
-    metered = MeteredGrid(grid)
+    devices = (
+        DeviceSimulator(cfg.devices, cfg.seed, cfg.train.local_epochs)
+        if cfg.devices.enabled
+        else None
+    )
+    metered = MeteredGrid(grid, devices)
     llm = setup.telemetry.llm if setup is not None and setup.telemetry else None
     session = RunSession(cfg, run_dir, strategy, llm=llm)
     recorder = RoundRecorder(
@@ -213,6 +229,7 @@ def _run_server(
         "bytes_up": sum(r.bytes_up for r in recorder.records),
         "bytes_down": sum(r.bytes_down for r in recorder.records),
         "client_failures": sum(r.failures for r in recorder.records),
+        "sim_time_s": final.sim_time_s,
         "policy_fallbacks": getattr(strategy, "total_fallbacks", 0),
         "policy": cfg.policy.name if isinstance(strategy, AgentStrategy) else "-",
         "policy_notice": setup.notice if setup is not None else None,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,6 +50,7 @@ from .aggregation import (
     unflatten_vector,
     weighted_mean,
 )
+from .devices import Timing
 from .validation import InvalidReply, ModelSpec, ValidReply, validate_train_reply
 
 log = logging.getLogger("agentfl.strategy")
@@ -181,6 +182,24 @@ class AgentStrategy(Strategy):
     def set_last_accuracy(self, accuracy: float | None) -> None:
         """Record the latest centralized accuracy (shown to the policy)."""
         self._last_accuracy = accuracy
+
+    def observe_timings(self, timings: Mapping[int, Timing]) -> None:
+        """Record the simulated durations of a round's clients, by node id.
+
+        Late clients (dropped at the deadline) are included, so the policy learns
+        who is slow (see :mod:`fl_server.device_grid`).
+        """
+        by_node = {c.node_id: c for c in self.clients.values()}
+        for nid, t in timings.items():
+            client = by_node.get(nid)
+            if client is not None:
+                client.state = client.state.model_copy(
+                    update={
+                        "last_duration_s": t.total_s,
+                        "epoch_s": t.epoch_s,
+                        "comm_s": t.comm_s,
+                    }
+                )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -107,8 +107,44 @@ class PolicyConfig(_Section):
     max_weight_share: float = Field(
         0.5, gt=0, le=1, description="trust region: largest share one update may get"
     )
+    duration_quantile: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Oort's preferred round time: this quantile of clients' expected "
+        "durations; slower clients' utility is cut; 0 = the deadline",
+    )
     weight_trust: float = Field(
         3.0, ge=1, description="trust region: weight <= this x its examples share"
+    )
+
+
+class DevicesConfig(_Section):
+    """Simulated device heterogeneity and deadline rounds (``fl_server.devices``).
+
+    Applied by the server to every strategy alike: profiles and dropouts are fixed by
+    ``seed`` and the client's partition id. Off by default.
+    """
+
+    enabled: bool = False
+    speed_sigma: float = Field(
+        1.0, ge=0, le=5, description="log-normal sigma of compute speed (median 1)"
+    )
+    bandwidth_median_mbps: float = Field(
+        10.0, gt=0, description="median bandwidth, megabits per second"
+    )
+    bandwidth_sigma: float = Field(0.5, ge=0, le=5, description="log-normal sigma")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="probability a client is gone in a round"
+    )
+    example_cost_s: float = Field(
+        0.01, gt=0, description="compute seconds per example and epoch at speed 1"
+    )
+    deadline_s: float = Field(
+        0.0, ge=0, description="simulated round deadline; 0 = none"
+    )
+    partial_work: bool = Field(
+        False, description="late clients train the epochs that fit instead of dropping"
     )
 
 
@@ -215,6 +251,7 @@ class RunConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     planner: PlannerConfig = PlannerConfig()
     hub: HubConfig = HubConfig()
+    devices: DevicesConfig = DevicesConfig()
 
     @model_validator(mode="after")
     def _check_cross_field(self) -> RunConfig:

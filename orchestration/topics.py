@@ -36,10 +36,15 @@ class RoundRecord:
     wall_s: float
     bytes_up: int
     bytes_down: int
+    sim_time_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """Return the record as the JSON object written to ``results.jsonl``."""
-        return asdict(self)
+        """Return the record as the JSON object written to ``results.jsonl``.
+
+        Optional fields that are unset (``sim_time_s`` without simulated devices)
+        are left out.
+        """
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ CLIENT_COLUMNS = (
     "last_selected_round",
     "last_loss",
     "last_duration_s",
+    "epoch_s",
+    "comm_s",
     "failures",
     "times_flagged",
 )
