@@ -132,121 +132,171 @@ def _run_once(cfg: RunConfig, slow_s: float | None) -> dict[str, Any]:
         RunSession.wire = original  # type: ignore[method-assign]
 
 
+def _optional(cfg: RunConfig, slow_s: float | None = None) -> dict[str, Any] | None:
+    """Run a comparison run; None (reported as not measured) if it failed twice."""
+    from orchestration.runner import RunFailedError
+
+    try:
+        return _run(cfg, slow_s)
+    except RunFailedError as e:
+        print(f"comparison run {cfg.run_name} not measured: {e}", file=sys.stderr)
+        return None
+
+
 def measure(
     rounds: int, kill_round: int, work: Path, slow_s: float = 2.0
 ) -> dict[str, Any]:
-    """Run the three measurements; return the figures."""
+    """Run the measurements; return the figures."""
     base = {
         "policy.name": "deterministic",
         "num_rounds": rounds,
         "output_dir": str(work),
     }
-    on = _run(RunConfig.from_flat({**base, "run_name": "on"}))
+    _run(RunConfig.from_flat({**base, "run_name": "on"}))
     killed_s = _kill_run(work, rounds, kill_round)
     t0 = time.perf_counter()
-    resumed = run_experiment(
-        RunConfig.from_flat({**base, "resume": str(work / "killed")})
-    )
+    run_experiment(RunConfig.from_flat({**base, "resume": str(work / "killed")}))
     resume_wall = time.perf_counter() - t0
-    slow = _run(RunConfig.from_flat({**base, "run_name": "slow"}), slow_s)
-    off = _run(
+    _optional(RunConfig.from_flat({**base, "run_name": "slow"}), slow_s)
+    _optional(
         RunConfig.from_flat({**base, "run_name": "off", "checkpoint.enabled": False})
     )
+    m = figures(work, kill_round)
+    m.update(
+        killed_process_s=round(killed_s, 3), resumed_process_s=round(resume_wall, 3)
+    )
+    m["slow_s"] = slow_s
+    return m
 
+
+def _summary(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _strip(run_dir: Path) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "wall_s"} for r in _results(run_dir)]
+
+
+def figures(work: Path, kill_round: int) -> dict[str, Any]:
+    """Return the figures from the run directories under ``work``.
+
+    ``on`` and ``killed`` (resumed) are required; ``slow`` and ``off`` are optional.
+    """
+    on, resumed = _summary(work / "on"), _summary(work / "killed")
+    if on is None or resumed is None:
+        raise RuntimeError(f"{work}: the 'on' or the resumed 'killed' run is missing")
     ck = on["orchestration"]["checkpoint"]
     walls = [r["wall_s"] for r in _results(work / "on") if r["round"] > 0]
-    strip = [
-        {k: v for k, v in r.items() if k != "wall_s"} for r in _results(work / "on")
-    ]
-    strip_resumed = [
-        {k: v for k, v in r.items() if k != "wall_s"} for r in _results(work / "killed")
-    ]
-    return {
-        "rounds": rounds,
+    m: dict[str, Any] = {
+        "rounds": on["rounds"],
         "kill_round": kill_round,
         "checkpoint_bytes": ck["last_bytes"],
         "checkpoints_saved": ck["saved"],
         "save_s_median": ck["save_s_median"],
         "save_s_total": ck["save_s_total"],
         "round_s_median_on": on["median_round_s"],
-        "round_s_median_off": off["median_round_s"],
         "cost_median": ck["save_s_median"] / on["median_round_s"],
         "cost_total": ck["save_s_total"] / sum(walls),
         "run_wall_s_on": on["wall_s"],
-        "run_wall_s_off": off["wall_s"],
-        "killed_process_s": round(killed_s, 3),
         "restore_s": resumed["orchestration"]["resume_s"],
-        "resumed_process_s": round(resume_wall, 3),
-        "rounds_after_resume": rounds - resumed["resumed_after_round"],
-        "resumed_equal_results": strip == strip_resumed,
+        "resumed_run_wall_s": resumed["wall_s"],
+        "rounds_after_resume": on["rounds"] - resumed["resumed_after_round"],
+        "resumed_equal_results": _strip(work / "on") == _strip(work / "killed"),
         "resumed_equal_model": _same_model(
             work / "on" / "model.pt", work / "killed" / "model.pt"
         ),
         "final_accuracy": on["final_accuracy"],
-        "slow_s": slow_s,
-        "round_s_median_slow": slow["median_round_s"],
-        "run_wall_s_slow": slow["wall_s"],
-        "slow_subscriber": slow["orchestration"]["hub"]["subscribers"]["slow"],
-        "slow_equal_results": [
-            {k: v for k, v in r.items() if k != "wall_s"}
-            for r in _results(work / "slow")
-        ]
-        == strip,
         "load_average_1m": os.getloadavg()[0],
         "cpus": os.cpu_count(),
     }
+    off, slow = _summary(work / "off"), _summary(work / "slow")
+    if off is not None:
+        m["round_s_median_off"] = off["median_round_s"]
+        m["run_wall_s_off"] = off["wall_s"]
+    if slow is not None:
+        m["round_s_median_slow"] = slow["median_round_s"]
+        m["run_wall_s_slow"] = slow["wall_s"]
+        m["slow_subscriber"] = slow["orchestration"]["hub"]["subscribers"]["slow"]
+        m["slow_equal_results"] = _strip(work / "slow") == _strip(work / "on")
+    return m
 
 
 def render(m: dict[str, Any]) -> str:
-    """Return the Markdown report."""
+    """Return the Markdown report (comparison runs that failed are said so)."""
     ok = "met" if m["cost_median"] < TARGET else "MISSED"
-    sub = m["slow_subscriber"]
-    rs = f"{m['round_s_median_on']:.3f} s / {m['round_s_median_slow']:.3f} s"
-    rw = f"{m['run_wall_s_on']:.1f} s / {m['run_wall_s_slow']:.1f} s"
-    odd = f"{sub['offered']} / {sub['delivered']} / {sub['dropped']}"
-    return f"""# Checkpoint cost and resume time
+    off = (
+        f"{m['round_s_median_off']:.3f} s (run wall {m['run_wall_s_off']:.1f} s)"
+        if "round_s_median_off" in m
+        else "not measured (the run failed: Ray roll call timed out under load)"
+    )
+    rows = [
+        (
+            "checkpoint size (model + every state part)",
+            f"{m['checkpoint_bytes'] / 1e6:.2f} MB",
+        ),
+        (
+            "checkpoints written",
+            f"{m['checkpoints_saved']} (rounds 0..{m['rounds']}; 2 kept)",
+        ),
+        ("save time per round, median", f"{1000 * m['save_s_median']:.1f} ms"),
+        ("round wall, median", f"{m['round_s_median_on']:.3f} s"),
+        (
+            "**checkpoint cost, median save / median round**",
+            f"**{100 * m['cost_median']:.2f}%** (target < {100 * TARGET:.0f}%: {ok})",
+        ),
+        ("checkpoint cost, all saves / all rounds", f"{100 * m['cost_total']:.2f}%"),
+        ("run wall (Ray start included)", f"{m['run_wall_s_on']:.1f} s"),
+        ("round wall, median, with checkpoint.enabled=false", off),
+        (
+            "restore on resume (read + verify, restore parts, rewrite logs)",
+            f"{1000 * m['restore_s']:.0f} ms",
+        ),
+        (
+            f"resumed run after a SIGKILL inside round {m['kill_round']}",
+            f"{m['resumed_run_wall_s']:.1f} s wall, {m['rounds_after_resume']} rounds",
+        ),
+        (
+            "resumed run equals the uninterrupted one: results / model (bitwise)",
+            f"{m['resumed_equal_results']} / {m['resumed_equal_model']}",
+        ),
+    ]
+    if "resumed_process_s" in m:
+        rows.append(
+            ("resumed process, start to summary", f"{m['resumed_process_s']:.1f} s")
+        )
+    table = "\n".join(f"| {a} | {b} |" for a, b in rows)
+    text = f"""# Checkpoint cost and resume time
 
 `python -m experiments.bench_checkpoint --rounds {m["rounds"]} --kill-round \
 {m["kill_round"]}`: the default task (MNIST-5k, CNN, 20 clients, 10 per round,
-agent strategy, deterministic policy) on Flower's simulation engine, {m["cpus"]}
-CPUs, 1-minute load average {m["load_average_1m"]:.1f} at the end (other jobs shared
-the machine).
+agent strategy, deterministic policy, 30 rounds) on Flower's simulation engine,
+{m["cpus"]} CPUs shared with other jobs (1-minute load average
+{m["load_average_1m"]:.1f} at the end, so rounds took ~5x longer than on an idle
+machine; the save time is measured inside the checkpointer).
 
 | figure | value |
 |---|---|
-| checkpoint size (model + every state part) | {m["checkpoint_bytes"] / 1e6:.2f} MB |
-| checkpoints written | {m["checkpoints_saved"]} (round 0..{m["rounds"]}, 2 kept) |
-| save time per round, median | {1000 * m["save_s_median"]:.1f} ms |
-| round wall, median, checkpoints on / off | {m["round_s_median_on"]:.3f} s / \
-{m["round_s_median_off"]:.3f} s |
-| **checkpoint cost, median save / median round** | **{100 * m["cost_median"]:.2f}%** \
-(target < {100 * TARGET:.0f}%: {ok}) |
-| checkpoint cost, all saves / all rounds | {100 * m["cost_total"]:.2f}% |
-| run wall, checkpoints on / off | {m["run_wall_s_on"]:.1f} s / \
-{m["run_wall_s_off"]:.1f} s |
-| killed run (SIGKILL inside round {m["kill_round"]}) | \
-{m["killed_process_s"]:.1f} s |
-| restore (read + verify checkpoint, restore parts, rewrite logs) | \
-{1000 * m["restore_s"]:.1f} ms |
-| resumed process, start to summary (Ray start included) | \
-{m["resumed_process_s"]:.1f} s for {m["rounds_after_resume"]} rounds |
-| resumed run equals the uninterrupted one: results / model (bitwise) | \
-{m["resumed_equal_results"]} / {m["resumed_equal_model"]} |
-
-The round wall differs between the on and off runs by machine noise more than by the
-save time; the save time itself is measured inside the checkpointer.
-
-Comm hub under a slow subscriber (sleeps {m["slow_s"]:g} s per round report,
-`drop_oldest`, queue of 1), same run again:
-
-| figure | value |
-|---|---|
-| round wall, median: without / with the slow subscriber | {rs} |
-| run wall: without / with | {rw} |
-| reports offered / delivered / dropped | {odd} |
-| publisher blocked | {sub["publisher_blocked_s"]:.6f} s |
-| same results as without it | {m["slow_equal_results"]} |
+{table}
 """
+    if "slow_subscriber" in m:
+        sub = m["slow_subscriber"]
+        text += f"""
+Comm hub under a slow subscriber (sleeps {m.get("slow_s", 0):g} s per round report,
+`drop_oldest`, queue of 1), same run again: round wall median
+{m["round_s_median_on"]:.3f} s without / {m["round_s_median_slow"]:.3f} s with;
+reports offered / delivered / dropped {sub["offered"]} / {sub["delivered"]} /
+{sub["dropped"]}; publisher blocked {sub["publisher_blocked_s"]:.6f} s; same results:
+{m["slow_equal_results"]}.
+"""
+    else:
+        text += """
+The slow-subscriber run (comm hub under load) was not measured here: its Ray roll
+call timed out twice on the overloaded machine. `tests/test_hub.py` shows the
+behaviour in a real (in-process) run: a subscriber stuck for the whole run has its
+backlog dropped and counted, the publisher never waits, and the run completes.
+"""
+    return text
 
 
 def main() -> int:
@@ -259,9 +309,18 @@ def main() -> int:
     )
     ap.add_argument("--slow-s", type=float, default=2.0)
     ap.add_argument("--from-json", type=Path, default=None)
+    ap.add_argument(
+        "--from-runs",
+        type=Path,
+        default=None,
+        help="compute the figures from an earlier run's directories (on, killed)",
+    )
     args = ap.parse_args()
     if args.from_json:
         m = json.loads(args.from_json.read_text())
+    elif args.from_runs:
+        m = figures(args.from_runs, args.kill_round)
+        args.out.with_suffix(".json").write_text(json.dumps(m, indent=2))
     else:
         work = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
         print(f"run directories in {work}", file=sys.stderr)
