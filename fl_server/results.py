@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from fl_client.task import ArrayDataset, build_model, evaluate
 
 from .metering import MeteredGrid
+from .privacy_metrics import epsilon_summary
 from .strategy import AgentStrategy, RoundFailedError
 
 log = logging.getLogger("agentfl.results")
@@ -35,6 +36,8 @@ class RoundRecord:
     wall_s: float
     bytes_up: int
     bytes_down: int
+    epsilon_max: float | None = None  # DP: cumulative epsilon (max / mean over
+    epsilon_mean: float | None = None  # the clients that reported one); else None
 
 
 class RoundRecorder:
@@ -67,6 +70,7 @@ class RoundRecorder:
         self.num_rounds = num_rounds
         self.min_replies = min_replies
         self.records: list[RoundRecord] = []
+        self._epsilons: dict[str, float] = {}
         self._t_last = time.perf_counter()
         self._t_start = self._t_last
 
@@ -94,7 +98,10 @@ class RoundRecorder:
             source = info.sources.get("train", "deterministic")
             if info.fallbacks:
                 source = "fallback"
+            self._epsilons.update(info.epsilons)  # cumulative, latest per client
+            eps_max, eps_mean = epsilon_summary(self._epsilons)
         else:
+            eps_max = eps_mean = None
             selected = traffic.sent
             accepted = traffic.replies - traffic.errors
             flagged, failures = 0, traffic.errors + (traffic.sent - traffic.replies)
@@ -111,6 +118,8 @@ class RoundRecorder:
             wall_s=round(wall, 4),
             bytes_up=traffic.bytes_up,
             bytes_down=traffic.bytes_down,
+            epsilon_max=eps_max,
+            epsilon_mean=eps_mean,
         )
         self.records.append(rec)
         with self.results_path.open("a", encoding="utf-8") as fh:

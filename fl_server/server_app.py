@@ -33,7 +33,9 @@ from orchestration.config import RunConfig
 from .baselines import build_baseline
 from .metering import MeteredGrid
 from .policy_setup import PolicySetup, open_policy
+from .privacy import with_client_dp
 from .results import RoundRecorder
+from .secagg_run import run_secagg
 from .strategy import AgentStrategy
 
 log = logging.getLogger("agentfl.server")
@@ -166,22 +168,31 @@ def _run_server(
         min_replies=cfg.min_replies,
     )
     log.info("run %s: writing to %s", cfg.strategy.name, run_dir)
-    result = strategy.start(
-        grid=metered,
-        initial_arrays=initial,
-        num_rounds=cfg.num_rounds,
-        timeout=cfg.round_timeout_s,
-        train_config=ConfigRecord(
-            {"local-epochs": cfg.train.local_epochs, "lr": cfg.train.lr}
-        ),
-        evaluate_fn=recorder,
-    )
+    train_config = {"local-epochs": cfg.train.local_epochs, "lr": cfg.train.lr}
+    if cfg.secagg.enabled and isinstance(strategy, AgentStrategy):  # docs/privacy.md
+        final_arrays, rounds = run_secagg(
+            metered, cfg, strategy, initial, recorder, train_config
+        )
+        (run_dir / "secagg.json").write_text(json.dumps(rounds, indent=2))
+    else:
+        final_arrays = (
+            with_client_dp(cfg, strategy)
+            .start(
+                grid=metered,
+                initial_arrays=initial,
+                num_rounds=cfg.num_rounds,
+                timeout=cfg.round_timeout_s,
+                train_config=ConfigRecord(train_config),  # type: ignore[arg-type]
+                evaluate_fn=recorder,
+            )
+            .arrays
+        )
     rounds_done = sum(1 for r in recorder.records if r.round > 0)
     if rounds_done != cfg.num_rounds:
         raise RuntimeError(
             f"run ended after {rounds_done} of {cfg.num_rounds} rounds; see the log"
         )
-    torch.save(result.arrays.to_torch_state_dict(), run_dir / "model.pt")
+    torch.save(final_arrays.to_torch_state_dict(), run_dir / "model.pt")
     final = recorder.records[-1]
     walls = [r.wall_s for r in recorder.records if r.round > 0]
     summary: dict[str, object] = {
@@ -191,6 +202,7 @@ def _run_server(
         "initial_accuracy": recorder.records[0].accuracy,
         "final_accuracy": final.accuracy,
         "final_loss": final.loss,
+        "final_epsilon": final.epsilon_max,
         "median_round_s": float(np.median(walls)),
         "wall_s": round(time.perf_counter() - t0, 3),
         "bytes_up": sum(r.bytes_up for r in recorder.records),

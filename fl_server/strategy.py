@@ -50,6 +50,7 @@ from .aggregation import (
     unflatten_vector,
     weighted_mean,
 )
+from .privacy_metrics import record_client_epsilon
 from .validation import InvalidReply, ModelSpec, ValidReply, validate_train_reply
 
 log = logging.getLogger("agentfl.strategy")
@@ -81,6 +82,8 @@ class RoundInfo:
     failures: dict[str, str] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
     fallbacks: int = 0
+    weights: dict[str, float] = field(default_factory=dict)  # shares applied
+    epsilons: dict[str, float] = field(default_factory=dict)  # DP: fl_server.privacy
 
 
 @dataclass
@@ -260,6 +263,7 @@ class AgentStrategy(Strategy):
                 )
                 continue
             valid[cid] = checked
+            record_client_epsilon(self.info.epsilons, cid, reply.content)
         for cid in self.info.selected:
             if cid not in valid and cid not in self.info.failures:
                 self._fail(cid, "no reply before the round timeout")
@@ -301,6 +305,7 @@ class AgentStrategy(Strategy):
         self.info.accepted = accepted
         rows = [ids.index(c) for c in accepted]
         weights = np.array([decision.weights[c] for c in accepted])
+        self.info.weights = dict(zip(accepted, weights / weights.sum(), strict=True))
         kept = updates if len(rows) == len(ids) else updates[rows]
         new_global = self._global + weighted_mean(kept, weights)
         self._update_states(valid, set(accepted), set(self.info.flagged))
