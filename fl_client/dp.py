@@ -115,18 +115,18 @@ def train_dp_sgd(
         batch_size=batch_size,
         generator=torch.Generator().manual_seed(seed),
     )
-    engine = PrivacyEngine(accountant="rdp")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant="rdp")
     engine.accountant.history = list(history)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus' secure-RNG advice
-        private, opt, loader = engine.make_private(
-            module=model,
-            optimizer=opt,
-            data_loader=loader,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-        )
+    private, opt, loader = engine.make_private(
+        module=model,
+        optimizer=opt,
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+    )
     loss_fn = nn.CrossEntropyLoss()
     private.train()
     total, count = 0.0, 0
@@ -136,7 +136,9 @@ def train_dp_sgd(
                 continue
             opt.zero_grad()
             loss = loss_fn(private(xb), yb)
-            loss.backward()
+            with warnings.catch_warnings():  # Opacus' hooks on input-free modules
+                warnings.filterwarnings("ignore", message="Full backward hook")
+                loss.backward()
             opt.step()
             total += float(loss.item()) * len(yb)
             count += len(yb)

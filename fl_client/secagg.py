@@ -78,7 +78,7 @@ def to_message_api(content: RecordDict) -> tuple[RecordDict, list[str], int]:
         {n: Array(np.asarray(a)) for n, a in zip(names, ndarrays, strict=True)}
     )
     return (
-        RecordDict({"arrays": arrays, "config": ConfigRecord(config)}),
+        RecordDict({"arrays": arrays, "config": ConfigRecord(config)}),  # type: ignore[arg-type]
         names,
         weight,
     )
