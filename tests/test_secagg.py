@@ -12,18 +12,29 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import (
     RECORD_KEY_CONFIGS,
     Key,
     Stage,
 )
+from flwr.compat.common import recorddict_compat as compat
 from inprocess import InProcessGrid
 
 from fl_client.client_app import make_client_app
+from fl_client.secagg import (
+    NAMES_KEY,
+    USED_WEIGHT_KEY,
+    WEIGHT_KEY,
+    SecAggAdapterError,
+    to_fitres,
+    to_message_api,
+)
 from fl_server.secagg_strategy import integer_weights
 from fl_server.server_app import run_server
 from fl_server.strategy import RoundFailedError
@@ -179,3 +190,66 @@ def test_secagg_ray_simulation_matches_the_plain_run(tmp_path: Path) -> None:
     rounds = json.loads((run_dir / "secagg.json").read_text())
     assert [r["distinct_payloads"] for r in rounds] == [1, 1]
     assert (_model(plain) - _model(run_dir)).abs().max().item() < 1e-3
+
+
+def test_secagg_composes_with_client_level_dp(tmp_path: Path) -> None:
+    cfg = _cfg(
+        tmp_path,
+        "secagg-dp",
+        num_clients=4,
+        clients_per_round=4,
+        **{
+            "secagg.enabled": True,
+            "dp.mode": "client",
+            "dp.noise_multiplier": 0.3,
+            "dp.clipping_norm": 0.5,
+        },
+    )
+
+    run_dir = _run_inprocess(cfg)
+
+    rows = _rows(run_dir, "results.jsonl")
+    eps = [r["epsilon_max"] for r in rows[1:]]
+    assert 0 < eps[0] < eps[1]  # type: ignore[operator]
+    rounds = json.loads((run_dir / "secagg.json").read_text())
+    assert [r["distinct_payloads"] for r in rounds] == [1, 1]
+    # Four clipped updates (norm <= 0.5) averaged, plus noise: the aggregate moves,
+    # but the clipped part alone cannot exceed the clipping norm.
+    assert all(r["aggregate_update_norm"] > 0 for r in rounds)
+
+
+def _fitins(config: dict[str, object]) -> RecordDict:
+    params = ndarrays_to_parameters([np.zeros((2, 2), np.float32)])
+    return compat.fitins_to_recorddict(FitIns(params, config), keep_input=True)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ({WEIGHT_KEY: 5}, "lacks 'secagg-names'"),
+        ({NAMES_KEY: "w", WEIGHT_KEY: -1}, "integer >= 0"),
+        ({NAMES_KEY: "w", WEIGHT_KEY: 1.5}, "integer >= 0"),
+        ({NAMES_KEY: "w,b", WEIGHT_KEY: 1}, "1 arrays but 2 names"),
+    ],
+)
+def test_adapter_rejects_malformed_secagg_configs(
+    config: dict[str, object], match: str
+) -> None:
+    with pytest.raises(SecAggAdapterError, match=match):
+        to_message_api(_fitins(config))
+
+
+def test_adapter_round_trip_sends_the_update_and_the_weight() -> None:
+    content, names, weight = to_message_api(_fitins({NAMES_KEY: "w", WEIGHT_KEY: 7}))
+    glob = content["arrays"]
+    new = ArrayRecord({"w": Array(np.full((2, 2), 0.25, np.float32))})
+    reply = RecordDict({"arrays": new, "metrics": MetricRecord({"train-loss": 1.0})})
+
+    fitres = compat.recorddict_to_fitres(
+        to_fitres(reply, glob, names, weight),
+        keep_input=True,  # type: ignore[arg-type]
+    )
+
+    assert names == ["w"] and fitres.num_examples == 7
+    np.testing.assert_allclose(parameters_to_ndarrays(fitres.parameters)[0], 0.25)
+    assert fitres.metrics == {"train-loss": 1.0, USED_WEIGHT_KEY: 7}
