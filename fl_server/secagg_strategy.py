@@ -416,7 +416,10 @@ class SecAggStrategy(LegacyStrategy):
 
     def _detect(self, server_round: int, features: tuple[ReplyFeatures, ...]) -> None:
         """Flag from reported metrics (they steer later rounds, not this sum)."""
-        decision = self.agent._decide(self._obs(server_round, features))
+        obs = self._obs(server_round, features)
+        decision = self.agent._decide(obs)
+        if self.agent.telemetry is not None:
+            self.agent.telemetry.after_aggregate(obs, decision)
         for f in decision.flags:
             self.agent.info.flagged.setdefault(f.id, f"{f.kind}: {f.reason}")
 
