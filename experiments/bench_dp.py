@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.config import RunConfig
-from orchestration.runner import run_experiment
+from orchestration.runner import RunFailedError, run_experiment
 
 
 def _cfg(args: argparse.Namespace, name: str, **dp: object) -> RunConfig:
@@ -36,6 +36,25 @@ def _cfg(args: argparse.Namespace, name: str, **dp: object) -> RunConfig:
     return RunConfig.from_flat(flat)
 
 
+def _run(cfg: RunConfig, resume: bool) -> dict[str, Any]:
+    """Run ``cfg``, or with ``resume`` reuse a finished run of the same name.
+
+    A run in which no client answered the roll call in time (Ray actors start slowly
+    on a loaded machine) is retried once.
+    """
+    done = Path(cfg.output_dir) / cfg.run_name / "summary.json"
+    if resume and done.exists():
+        summary: dict[str, Any] = json.loads(done.read_text())
+        return summary
+    try:
+        return run_experiment(cfg)
+    except RunFailedError as e:
+        if "roll call" not in str(e):
+            raise
+        print(f"retrying {cfg.run_name} once: {e}", file=sys.stderr)
+        return run_experiment(cfg)
+
+
 def _rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     path = Path(summary["run_dir"]) / "results.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()]
@@ -51,16 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--runs-dir", default="runs/bench_dp")
     ap.add_argument("--out", default="experiments/results/dp.md")
+    ap.add_argument(
+        "--resume", action="store_true", help="reuse finished runs in --runs-dir"
+    )
     args = ap.parse_args(argv)
 
     runs: list[tuple[str, float | None, dict[str, Any]]] = []
-    runs.append(("none", None, run_experiment(_cfg(args, "none"))))
+    runs.append(("none", None, _run(_cfg(args, "none"), args.resume)))
     for sigma in args.noise:
         cfg = _cfg(args, f"sample-{sigma:g}", mode="sample", noise_multiplier=sigma)
-        runs.append(("sample", sigma, run_experiment(cfg)))
+        runs.append(("sample", sigma, _run(cfg, args.resume)))
     for sigma in args.client_noise:
         cfg = _cfg(args, f"client-{sigma:g}", mode="client", noise_multiplier=sigma)
-        runs.append(("client", sigma, run_experiment(cfg)))
+        runs.append(("client", sigma, _run(cfg, args.resume)))
 
     table = [
         "| DP | noise multiplier | final accuracy | epsilon after "
