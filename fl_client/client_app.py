@@ -29,6 +29,7 @@ from flwr.clientapp.typing import Mod
 from orchestration.config import RunConfig
 
 from .node_config import data_path, threads
+from .privacy import privacy_train_mod, train_private
 from .task import build_model, evaluate, split_for, train
 from .task.local_data import local_split
 from .task.partition import ClientSplit
@@ -109,7 +110,7 @@ def make_client_app(
         )
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
-    @app.train()
+    @app.train(mods=[privacy_train_mod(resolve)])  # SecAgg+ / client DP, train only
     def train_handler(msg: Message, context: Context) -> Message:
         """Train the received model on the local partition; reply with new weights."""
         run_cfg = resolve(context)
@@ -120,16 +121,23 @@ def make_client_app(
         server_round = _number(conf, "server-round", 0, int)
         model = _model(run_cfg, split, msg.content.array_records["arrays"])
         start = time.perf_counter()
-        loss = train(
-            model,
-            split.train,
-            epochs=epochs,
-            lr=lr,
-            momentum=run_cfg.train.momentum,
-            batch_size=run_cfg.train.batch_size,
-            seed=run_cfg.seed * 1_000_003 + server_round * 1009 + pid,
-            proximal_mu=_number(conf, "proximal-mu", 0.0, float),
-        )
+        seed = run_cfg.seed * 1_000_003 + server_round * 1009 + pid
+        private: dict[str, float] = {}
+        if run_cfg.dp.mode == "sample":  # DP-SGD (Opacus), accountant in context.state
+            loss, private = train_private(
+                run_cfg, model, split.train, context, epochs=epochs, lr=lr, seed=seed
+            )
+        else:
+            loss = train(
+                model,
+                split.train,
+                epochs=epochs,
+                lr=lr,
+                momentum=run_cfg.train.momentum,
+                batch_size=run_cfg.train.batch_size,
+                seed=seed,
+                proximal_mu=_number(conf, "proximal-mu", 0.0, float),
+            )
         duration = time.perf_counter() - start
         metrics = MetricRecord(
             {
@@ -137,6 +145,7 @@ def make_client_app(
                 "train-loss": loss,
                 "train-duration": duration,
                 "partition-id": pid,
+                **private,
             }
         )
         content = RecordDict(

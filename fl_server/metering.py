@@ -14,8 +14,20 @@ from .devices import Timing
 
 
 def message_bytes(content: RecordDict) -> int:
-    """Return the bytes of every array in ``content`` (as Flower serialises them)."""
-    return sum(rec.count_bytes() for rec in content.array_records.values())
+    """Return the bytes of every array in ``content`` (as Flower serialises them).
+
+    Byte strings in config records count too: SecAgg+ sends its masked vectors and
+    key shares that way.
+    """
+    arrays = sum(rec.count_bytes() for rec in content.array_records.values())
+    blobs = 0
+    for rec in content.config_records.values():
+        for value in rec.values():
+            if isinstance(value, bytes):
+                blobs += len(value)
+            elif isinstance(value, list):
+                blobs += sum(len(v) for v in value if isinstance(v, bytes))
+    return arrays + blobs
 
 
 @dataclass

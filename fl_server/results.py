@@ -25,6 +25,7 @@ from orchestration.hub import Hub
 from orchestration.topics import RoundRecord, RoundReport
 
 from .metering import MeteredGrid
+from .privacy_metrics import epsilon_summary
 from .strategy import AgentStrategy, RoundFailedError
 
 log = logging.getLogger("agentfl.results")
@@ -79,6 +80,7 @@ class RoundRecorder:
         self.records: list[RoundRecord] = []
         self.first_round = 1
         self.last_arrays: ArrayRecord | None = None
+        self._epsilons: dict[str, float] = {}
         self._t_last = time.perf_counter()
         self._t_start = self._t_last
 
@@ -106,7 +108,10 @@ class RoundRecorder:
             source = info.sources.get("train", "deterministic")
             if info.fallbacks:
                 source = "fallback"
+            self._epsilons.update(info.epsilons)  # cumulative, latest per client
+            eps_max, eps_mean = epsilon_summary(self._epsilons)
         else:
+            eps_max = eps_mean = None
             selected = traffic.sent
             accepted = traffic.replies - traffic.errors
             flagged, failures = 0, traffic.errors + (traffic.sent - traffic.replies)
@@ -126,6 +131,8 @@ class RoundRecorder:
             sim_time_s=None
             if traffic.sim_time_s is None
             else round(traffic.sim_time_s, 4),
+            epsilon_max=eps_max,
+            epsilon_mean=eps_mean,
         )
         self.records.append(rec)
         self.last_arrays = arrays

@@ -35,8 +35,10 @@ from .baselines import build_baseline
 from .device_grid import DeviceSimulator
 from .metering import MeteredGrid
 from .policy_setup import PolicySetup, open_policy
+from .privacy import with_client_dp
 from .results import RoundRecorder, StopRun
 from .resume import RoundOffset, offset_evaluate
+from .secagg_run import run_secagg
 from .strategy import AgentStrategy
 
 log = logging.getLogger("agentfl.server")
@@ -192,18 +194,26 @@ def _run_server(
     done, initial = session.begin(initial)
     log.info("run %s: writing to %s", cfg.strategy.name, run_dir)
     stopped: str | None = None
+    train_config = {"local-epochs": cfg.train.local_epochs, "lr": cfg.train.lr}
     try:
-        result = RoundOffset(strategy, done, session.maybe_kill).start(
-            grid=metered,
-            initial_arrays=initial,
-            num_rounds=cfg.num_rounds - done,
-            timeout=cfg.round_timeout_s,
-            train_config=ConfigRecord(
-                {"local-epochs": cfg.train.local_epochs, "lr": cfg.train.lr}
-            ),
-            evaluate_fn=offset_evaluate(recorder, done),
-        )
-        final_arrays = result.arrays if done < cfg.num_rounds else initial
+        if cfg.secagg.enabled and isinstance(strategy, AgentStrategy):
+            # docs/privacy.md; resume is refused with SecAgg+ (combinations.py).
+            final_arrays, rounds = run_secagg(
+                metered, cfg, strategy, initial, recorder, train_config
+            )
+            (run_dir / "secagg.json").write_text(json.dumps(rounds, indent=2))
+        else:
+            result = RoundOffset(
+                with_client_dp(cfg, strategy), done, session.maybe_kill
+            ).start(
+                grid=metered,
+                initial_arrays=initial,
+                num_rounds=cfg.num_rounds - done,
+                timeout=cfg.round_timeout_s,
+                train_config=ConfigRecord(train_config),  # type: ignore[arg-type]
+                evaluate_fn=offset_evaluate(recorder, done),
+            )
+            final_arrays = result.arrays if done < cfg.num_rounds else initial
     except StopRun as stop:
         stopped, final_arrays = stop.reason, stop.arrays
         log.info("%s", stop)
@@ -224,6 +234,7 @@ def _run_server(
         "initial_accuracy": recorder.records[0].accuracy,
         "final_accuracy": final.accuracy,
         "final_loss": final.loss,
+        "final_epsilon": final.epsilon_max,
         "median_round_s": float(np.median(walls)),
         "wall_s": round(time.perf_counter() - t0, 3),
         "bytes_up": sum(r.bytes_up for r in recorder.records),

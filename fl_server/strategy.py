@@ -51,6 +51,7 @@ from .aggregation import (
     weighted_mean,
 )
 from .devices import Timing
+from .privacy_metrics import record_client_epsilon
 from .validation import InvalidReply, ModelSpec, ValidReply, validate_train_reply
 
 log = logging.getLogger("agentfl.strategy")
@@ -82,6 +83,8 @@ class RoundInfo:
     failures: dict[str, str] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
     fallbacks: int = 0
+    weights: dict[str, float] = field(default_factory=dict)  # shares applied
+    epsilons: dict[str, float] = field(default_factory=dict)  # DP: fl_server.privacy
 
 
 @dataclass
@@ -313,6 +316,7 @@ class AgentStrategy(Strategy):
                 continue
             valid[cid] = checked
             row_of[cid] = len(row_of)
+            record_client_epsilon(self.info.epsilons, cid, reply.content)
         for cid in self.info.selected:
             if cid not in valid and cid not in self.info.failures:
                 self._fail(cid, "no reply before the round timeout")
@@ -357,6 +361,7 @@ class AgentStrategy(Strategy):
         self.info.accepted = accepted
         rows = [row_of[c] for c in accepted]
         weights = np.array([decision.weights[c] for c in accepted])
+        self.info.weights = dict(zip(accepted, weights / weights.sum(), strict=True))
         kept = updates if rows == list(range(len(ids))) else updates[rows]
         new_global = self._global + weighted_mean(kept, weights)
         self._update_states(valid, set(accepted), set(self.info.flagged))

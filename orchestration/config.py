@@ -220,6 +220,42 @@ class HubConfig(_Section):
 
     queue_size: int = Field(64, ge=1, le=100_000)
     tensorboard: bool = Field(False, description="needs the tensorboard package")
+class SecAggConfig(_Section):
+    """Flower's SecAgg+ (``secaggplus_mod``, ``SecAggPlusWorkflow``): docs/privacy.md.
+
+    Off by default. On, the agent strategy runs through its legacy-API adapter
+    (``fl_server.secagg_strategy``) and the server only ever holds the aggregate.
+    """
+
+    enabled: bool = False
+    num_shares: float = Field(
+        1.0, gt=0, description="shares per secret: >1 a count, <=1 a share of clients"
+    )
+    reconstruction_threshold: float = Field(
+        0.5, gt=0, description="shares needed: >1 a count, <=1 a share of num_shares"
+    )
+    clipping_range: float = Field(
+        8.0, gt=0, description="each weighted update coordinate is clipped to +-this"
+    )
+    quantization_range: int = Field(4_194_304, ge=2, le=2**30)
+    timeout_s: float = Field(0.0, ge=0, description="per protocol stage; 0 = none")
+
+
+DPMode = Literal["none", "client", "sample"]
+
+
+class DPConfig(_Section):
+    """Differential privacy; see docs/privacy.md.
+
+    ``client``: client-level DP (Flower's ``fixedclipping_mod`` clips each update to
+    ``clipping_norm``; the server adds Gaussian noise to the aggregate); ``sample``:
+    DP-SGD with Opacus on every client (per-sample clipping and noise).
+    """
+
+    mode: DPMode = "none"
+    noise_multiplier: float = Field(1.0, ge=0, le=100)
+    clipping_norm: float = Field(1.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
 
 
 class RunConfig(_Section):
@@ -252,6 +288,8 @@ class RunConfig(_Section):
     planner: PlannerConfig = PlannerConfig()
     hub: HubConfig = HubConfig()
     devices: DevicesConfig = DevicesConfig()
+    secagg: SecAggConfig = SecAggConfig()
+    dp: DPConfig = DPConfig()
 
     @model_validator(mode="after")
     def _check_cross_field(self) -> RunConfig:
@@ -287,6 +325,9 @@ class RunConfig(_Section):
                 f"{pl.warmup_rounds + pl.finetune_rounds} must be at most "
                 f"num_rounds={self.num_rounds}"
             )
+        from .combinations import check_combinations
+
+        check_combinations(self)
         return self
 
     # ------------------------------------------------------------------ builders

@@ -49,8 +49,13 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(quiet)
 
 
-def run_experiment(cfg: RunConfig, *, verbose: bool = False) -> dict[str, Any]:
+def run_experiment(
+    cfg: RunConfig, *, verbose: bool = False, client_mods: list[Any] | None = None
+) -> dict[str, Any]:
     """Run ``cfg`` on Flower's Ray simulation engine and return its summary.
+
+    ``client_mods`` are extra Flower mods around every client handler (benchmarks
+    inject faults with them).
 
     Raises
     ------
@@ -94,7 +99,7 @@ def run_experiment(cfg: RunConfig, *, verbose: bool = False) -> dict[str, Any]:
     try:
         run_simulation(
             server_app=make_server_app(cfg),
-            client_app=make_client_app(cfg),
+            client_app=make_client_app(cfg, mods=client_mods),
             num_supernodes=cfg.num_clients,
             backend_config=backend,  # type: ignore[arg-type]
             verbose_logging=verbose,

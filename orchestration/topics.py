@@ -37,6 +37,8 @@ class RoundRecord:
     bytes_up: int
     bytes_down: int
     sim_time_s: float | None = None
+    epsilon_max: float | None = None  # DP: cumulative epsilon (max / mean over
+    epsilon_mean: float | None = None  # the clients that reported one); else None
 
     def as_dict(self) -> dict[str, Any]:
         """Return the record as the JSON object written to ``results.jsonl``.

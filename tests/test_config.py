@@ -98,3 +98,18 @@ def test_every_experiment_preset_composes(preset: str) -> None:
 def test_hydra_bad_value_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="dataset.alpha"):
         _compose(["dataset.alpha=-1"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"secagg.enabled": True, "clients_per_round": 5}, "SecAgg"),
+        ({"dp.mode": "sample"}, "under-report epsilon"),
+        ({"dp.mode": "client"}, "under-report epsilon"),
+    ],
+)
+def test_resume_is_refused_where_state_lives_outside_the_checkpoint(
+    tmp_path: Path, extra: dict[str, object], match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_flat({"resume": str(tmp_path), **extra})
