@@ -89,6 +89,7 @@ class GroupStats:
         if not self.llm_latencies:
             return math.nan
         return float(np.percentile(self.llm_latencies, q))
+
     sim_time_curve: tuple[float, ...] = ()
 
     @property

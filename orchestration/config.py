@@ -220,6 +220,8 @@ class HubConfig(_Section):
 
     queue_size: int = Field(64, ge=1, le=100_000)
     tensorboard: bool = Field(False, description="needs the tensorboard package")
+
+
 class SecAggConfig(_Section):
     """Flower's SecAgg+ (``secaggplus_mod``, ``SecAggPlusWorkflow``): docs/privacy.md.
 
