@@ -148,7 +148,7 @@ class DeterministicPolicy:
         return Allocation(
             local_epochs=epochs,
             lr=obs.default_lr,
-            compression="none",
+            compression=obs.default_compression,
             deadline_s=obs.limits.deadline_s,
         )
 

@@ -67,6 +67,7 @@ class RoundRecorder:
         self.num_rounds = num_rounds
         self.min_replies = min_replies
         self.records: list[RoundRecord] = []
+        self.client_eval: dict[str, float] = {}
         self._t_last = time.perf_counter()
         self._t_start = self._t_last
 
@@ -113,8 +114,14 @@ class RoundRecorder:
             bytes_down=traffic.bytes_down,
         )
         self.records.append(rec)
+        line = asdict(rec)
+        if isinstance(self.strategy, AgentStrategy):
+            # Federated evaluation means (personalization / client eval), if any.
+            client_eval = self.strategy.features.take_round_metrics()
+            line.update(client_eval)
+            self.client_eval = client_eval or self.client_eval
         with self.results_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(asdict(rec)) + "\n")
+            fh.write(json.dumps(line) + "\n")
         if isinstance(self.strategy, AgentStrategy):
             self.strategy.set_last_accuracy(acc)
         self._progress(rec, now)

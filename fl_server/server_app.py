@@ -31,6 +31,7 @@ from fl_client.task import build_model, split_for
 from orchestration.config import RunConfig
 
 from .baselines import build_baseline
+from .client_features import ClientFeatures
 from .metering import MeteredGrid
 from .policy_setup import PolicySetup, open_policy
 from .results import RoundRecorder
@@ -120,6 +121,7 @@ def build_strategy(
         fallback=setup.fallback,
         decision_log=run_dir / "decisions.jsonl",
         telemetry=setup.telemetry,
+        features=ClientFeatures.from_config(cfg),
     )
 
 
@@ -196,6 +198,7 @@ def _run_server(
         "bytes_up": sum(r.bytes_up for r in recorder.records),
         "bytes_down": sum(r.bytes_down for r in recorder.records),
         "client_failures": sum(r.failures for r in recorder.records),
+        "client_eval": recorder.client_eval,
         "policy_fallbacks": getattr(strategy, "total_fallbacks", 0),
         "policy": cfg.policy.name if isinstance(strategy, AgentStrategy) else "-",
         "policy_notice": setup.notice if setup is not None else None,

@@ -50,6 +50,7 @@ from .aggregation import (
     unflatten_vector,
     weighted_mean,
 )
+from .client_features import ClientFeatures
 from .validation import InvalidReply, ModelSpec, ValidReply, validate_train_reply
 
 log = logging.getLogger("agentfl.strategy")
@@ -110,6 +111,8 @@ class AgentStrategy(Strategy):
         A JSONL file receiving one line per round and phase.
     telemetry : Telemetry, optional
         LLM call records for the decision log, and the round history the LLM sees.
+    features : ClientFeatures, optional
+        Upload compression, personal layers, federated evaluation (off by default).
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class AgentStrategy(Strategy):
         fallback: Policy | None = None,
         decision_log: Path | None = None,
         telemetry: Telemetry | None = None,
+        features: ClientFeatures | None = None,
     ) -> None:
         if min_replies > clients_per_round:
             raise ValueError("min_replies must be at most clients_per_round")
@@ -136,6 +140,7 @@ class AgentStrategy(Strategy):
         self.lr = lr
         self.decision_log = decision_log
         self.telemetry = telemetry
+        self.features = features or ClientFeatures()
         self.decisions = 0
         self.llm_latencies: list[float] = []
         self.fallback_reasons: dict[str, int] = {}
@@ -145,6 +150,8 @@ class AgentStrategy(Strategy):
         self.info = RoundInfo()
         self._global: np.ndarray | None = None
         self._spec: ModelSpec | None = None
+        self._order: list[str] = []
+        self._kept: dict[str, Array] = {}
         self._num_rounds = 1
         self._last_accuracy: float | None = None
 
@@ -164,6 +171,7 @@ class AgentStrategy(Strategy):
     def set_num_rounds(self, num_rounds: int) -> None:
         """Tell the strategy how many rounds the run has (shown to the policy)."""
         self._num_rounds = num_rounds
+        self.features.num_rounds = num_rounds
 
     def set_last_accuracy(self, accuracy: float | None) -> None:
         """Record the latest centralized accuracy (shown to the policy)."""
@@ -175,8 +183,10 @@ class AgentStrategy(Strategy):
         """Roll-call new nodes, ask the policy whom to train and how."""
         self.info = RoundInfo()
         self._register_nodes(grid)
-        self._spec = ModelSpec.of(arrays)
-        self._global = flatten_arrays(arrays.to_numpy_ndarrays())
+        self._order = list(arrays.keys())
+        shared, self._kept = self.features.split(arrays)
+        self._spec = ModelSpec.of(shared)
+        self._global = flatten_arrays(shared.to_numpy_ndarrays())
         eligible = [c.state for c in self._ordered_clients()]
         if len(eligible) < self.min_replies:
             raise RoundFailedError(
@@ -197,6 +207,7 @@ class AgentStrategy(Strategy):
             target_clients=min(self.clients_per_round, len(eligible)),
             default_epochs=self.local_epochs,
             default_lr=self.lr,
+            default_compression=self.features.codec,
             limits=limits,
             clients=tuple(eligible),
             last_accuracy=self._last_accuracy,
@@ -221,6 +232,7 @@ class AgentStrategy(Strategy):
                     "lr": alloc.lr,
                     "deadline-s": alloc.deadline_s,
                     "compression": alloc.compression,
+                    **self.features.train_config(cid, alloc.compression),
                 }
             )
             content = RecordDict({"arrays": arrays, "config": cfg})
@@ -250,7 +262,10 @@ class AgentStrategy(Strategy):
                 self._fail(cid, f"client error: {reply.error.reason}")
                 continue
             try:
-                checked = validate_train_reply(reply.content, self._spec)
+                content = self.features.decode(
+                    cid, reply.content, self._spec, self._global
+                )
+                checked = validate_train_reply(content, self._spec)
             except InvalidReply as e:
                 self._fail(cid, f"rejected: {e}")
                 continue
@@ -314,6 +329,7 @@ class AgentStrategy(Strategy):
                 for name, a in zip(self._spec.names, new_arrays, strict=True)
             }
         )
+        arrays = self.features.merge(arrays, self._kept, self._order)
         w_loss = float(
             np.average([valid[c].train_loss for c in accepted], weights=weights)
         )
@@ -323,6 +339,7 @@ class AgentStrategy(Strategy):
                 "accepted": len(accepted),
                 "flagged": len(self.info.flagged),
                 "failures": len(self.info.failures),
+                "ef-residuals-missing": self.features.residuals_missing,
             }
         )
         return arrays, metrics
@@ -330,14 +347,15 @@ class AgentStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Federated evaluation is off; the server evaluates centrally."""
-        return []
+        """Federated evaluation when personalization (or client eval) is on."""
+        nodes = [c.node_id for c in self._ordered_clients()]
+        return self.features.evaluate_messages(server_round, arrays, nodes)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Nothing to aggregate (see :meth:`configure_evaluate`)."""
-        return None
+        """Mean global and personalized accuracy on the clients' test splits."""
+        return self.features.aggregate_evaluate(server_round, replies)
 
     # ------------------------------------------------------------------ helpers
     def _ordered_clients(self) -> list[_Client]:

@@ -25,6 +25,8 @@ PolicyName = Literal["deterministic", "llm"]
 StructuredMode = Literal["auto", "json_schema", "json_object", "tool", "none"]
 RouteTarget = Literal["llm", "deterministic"]
 AutoRouteTarget = Literal["auto", "llm", "deterministic"]
+CodecName = Literal["none", "q8", "q4", "topk", "topk_q8"]
+PersonalMode = Literal["none", "fedper", "ditto"]
 
 
 class ConfigError(ValueError):
@@ -104,6 +106,33 @@ class PolicyConfig(_Section):
     )
 
 
+class CompressionConfig(_Section):
+    """Upload compression (agent strategy only); the agent may vary it per client."""
+
+    codec: CodecName = Field(
+        "none", description="default allocation: none, q8, q4, topk, topk_q8"
+    )
+    topk_fraction: float = Field(0.01, gt=0, le=1, description="share of entries kept")
+    error_feedback: bool = Field(True, description="top-k: keep the residual")
+
+
+class PersonalizationConfig(_Section):
+    """Personalized models on the clients (agent strategy only)."""
+
+    mode: PersonalMode = Field(
+        "none", description="fedper: personal layers stay local; ditto: personal model"
+    )
+    personal_layers: str = Field(
+        "last", description="fedper: comma-separated name prefixes; last = final layer"
+    )
+    ditto_lambda: float = Field(0.1, ge=0, description="ditto: proximal weight")
+    ditto_epochs: int = Field(1, ge=1, le=100, description="ditto: personal epochs")
+    evaluate_clients: bool = Field(
+        False, description="federated evaluation on clients' test splits (any mode)"
+    )
+    eval_every: int = Field(1, ge=1, description="federated evaluation every N rounds")
+
+
 class RouteConfig(_Section):
     """Which policy answers each decision type when ``policy.name=llm``.
 
@@ -166,6 +195,8 @@ class RunConfig(_Section):
     strategy: StrategyConfig = StrategyConfig()
     policy: PolicyConfig = PolicyConfig()
     agent: AgentConfig = AgentConfig()
+    compression: CompressionConfig = CompressionConfig()
+    personalization: PersonalizationConfig = PersonalizationConfig()
 
     @model_validator(mode="after")
     def _check_cross_field(self) -> RunConfig:
@@ -194,6 +225,7 @@ class RunConfig(_Section):
                 f"strategy.krum_keep={self.strategy.krum_keep} must be at most "
                 f"clients_per_round={self.clients_per_round}"
             )
+        _check_client_features(self)
         return self
 
     # ------------------------------------------------------------------ builders
@@ -213,6 +245,26 @@ class RunConfig(_Section):
     def to_flat(self) -> dict[str, Any]:
         """Return the flat form Flower's run config and pyproject use."""
         return flatten(self.model_dump())
+
+
+def _check_client_features(cfg: RunConfig) -> None:
+    """Compression and personalization need the agent strategy's server side."""
+    if cfg.strategy.name == "agent":
+        return
+    if cfg.compression.codec != "none":
+        raise ValueError(
+            f"compression.codec={cfg.compression.codec!r} needs strategy.name='agent': "
+            f"Flower's {cfg.strategy.name} cannot decode compressed updates (use "
+            "compression.codec='none')"
+        )
+    p = cfg.personalization
+    if p.mode != "none" or p.evaluate_clients:
+        raise ValueError(
+            f"personalization (mode={p.mode!r}, evaluate_clients="
+            f"{p.evaluate_clients}) needs strategy.name='agent': Flower's "
+            f"{cfg.strategy.name} neither keeps personal layers nor gathers "
+            "per-client evaluations"
+        )
 
 
 def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -273,5 +325,7 @@ def choices(name: str) -> tuple[str, ...]:
         "strategy": StrategyName,
         "policy": PolicyName,
         "structured": StructuredMode,
+        "codec": CodecName,
+        "personalization": PersonalMode,
     }[name]
     return tuple(get_args(literal))
