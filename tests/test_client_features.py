@@ -11,10 +11,12 @@ import pytest
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 from inprocess import InProcessGrid
+from support.factories import plain_train_obs
 
+from agent_strategy import DeterministicPolicy, guard
 from fl_client.client_app import make_client_app
 from fl_client.compression import RESIDUAL_KEY
-from fl_client.personal import LAYERS_KEY, MODEL_KEY
+from fl_client.personal import LAYERS_KEY, MODEL_KEY, personal_keys
 from fl_server.server_app import run_server
 from orchestration.config import ConfigError, RunConfig
 
@@ -200,3 +202,27 @@ def test_ditto_reports_global_and_personal_accuracy(tmp_path: Path) -> None:
 def test_baselines_refuse_client_features(key: str, value: str) -> None:
     with pytest.raises(ConfigError, match="needs strategy.name='agent'"):
         RunConfig.from_flat({"strategy.name": "fedavg", key: value})
+
+
+@pytest.mark.parametrize(
+    ("spec", "keys"),
+    [
+        ("last", ("net.5.weight", "net.5.bias")),
+        ("net.3, net.5.bias", ("net.3.weight", "net.3.bias", "net.5.bias")),
+    ],
+)
+def test_personal_keys(spec: str, keys: tuple[str, ...]) -> None:
+    names = [f"net.{i}.{p}" for i in (1, 3, 5) for p in ("weight", "bias")]
+    assert personal_keys(names, spec) == keys
+
+
+@pytest.mark.parametrize(("spec", "match"), [("head", "matches no"), ("net", "every")])
+def test_personal_keys_refuses_bad_specs(spec: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        personal_keys(["net.1.weight", "net.1.bias"], spec)
+
+
+def test_policy_allocates_the_run_codec() -> None:
+    obs = plain_train_obs(default_compression="topk")
+    decision = guard(DeterministicPolicy(seed=0).decide(obs), obs).decision
+    assert {a.compression for a in decision.allocations.values()} == {"topk"}
