@@ -28,6 +28,51 @@ from .bench_compression import finished_run
 MODES = ("none", "fedper", "ditto")
 
 
+def _client_curve(run_dir: Path) -> dict[int, float]:
+    """Mean clients' accuracy of the model used, per evaluated round."""
+    curve: dict[int, float] = {}
+    for line in (run_dir / "results.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "client_global_acc" in row:
+            used = row.get("client_personal_acc", row["client_global_acc"])
+            curve[int(row["round"])] = float(used)
+    return curve
+
+
+def _curve_table(
+    runs: list[dict[str, Any]], modes: list[str], seeds: list[int]
+) -> list[str]:
+    """Per evaluated round: each mode's mean (over seeds) clients' accuracy."""
+    rounds = sorted({int(r) for run in runs for r in run["per_round"]})
+    head = (
+        "| round | "
+        + " | ".join(modes)
+        + " | "
+        + " | ".join(f"{m} - none (points)" for m in modes[1:])
+        + " |"
+    )
+    lines = [
+        "Mean over clients (and seeds) of the accuracy of the model each client uses, "
+        "on its own test split, per evaluated round:",
+        "",
+        head,
+        "|" + "---|" * (1 + 2 * len(modes) - 1),
+    ]
+    for rnd in rounds:
+        means = {}
+        for m in modes:
+            vals = [
+                float(run["per_round"][rnd])
+                for run in runs
+                if run["mode"] == m and run["seed"] in seeds and rnd in run["per_round"]
+            ]
+            means[m] = statistics.mean(vals) if vals else float("nan")
+        cells = [f"{means[m]:.4f}" for m in modes]
+        cells += [f"{100 * (means[m] - means['none']):+.2f}" for m in modes[1:]]
+        lines.append(f"| {rnd} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its table; return the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             summary["client_used_acc"] = ev.get(
                 "client_personal_acc", ev["client_global_acc"]
             )
+            summary["per_round"] = _client_curve(Path(summary["run_dir"]))
             runs.append(summary)
 
     def one(mode: str, seed: int) -> dict[str, Any]:
@@ -107,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {mode} | {s['client_acc_mean']:.4f} | {100 * s['diff_mean']:+.2f} / "
             f"{100 * s['diff_worst']:+.2f} | {target} |"
         )
+    lines += ["", *_curve_table(runs, modes, args.seeds)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
