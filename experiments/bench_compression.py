@@ -43,6 +43,13 @@ def finished_run(cfg: RunConfig) -> dict[str, Any] | None:
     return summary if same and summary.get("rounds") == cfg.num_rounds else None
 
 
+def last_rounds_accuracy(run_dir: Path, rounds: int = 5) -> float:
+    """Return the mean central accuracy of the last ``rounds`` rounds."""
+    lines = (run_dir / "results.jsonl").read_text().splitlines()
+    accs = [float(json.loads(line)["accuracy"]) for line in lines[1:]]
+    return statistics.mean(accs[-rounds:])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its table; return the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -72,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = finished_run(cfg) or run_experiment(cfg)
             summary["codec"] = codec
             summary["bytes_up_per_round"] = summary["bytes_up"] / args.rounds
+            summary["last5_accuracy"] = last_rounds_accuracy(Path(summary["run_dir"]))
             runs.append(summary)
 
     def one(codec: str, seed: int) -> dict[str, Any]:
@@ -79,34 +87,38 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [
         "| codec | seed | bytes up per round | smaller than float32 | final accuracy "
-        "| vs float32 (points) |",
-        "|---|---|---|---|---|---|",
+        "| vs float32 (points) | mean of last 5 rounds | vs float32 (points) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     per_codec: dict[str, dict[str, float]] = {}
     for codec in codecs:
-        ratios, deltas, accs = [], [], []
+        ratios, deltas, accs, deltas5 = [], [], [], []
         for seed in args.seeds:
             r, base = one(codec, seed), one("none", seed)
             ratio = base["bytes_up"] / r["bytes_up"]
             delta = r["final_accuracy"] - base["final_accuracy"]
+            delta5 = r["last5_accuracy"] - base["last5_accuracy"]
+            deltas5.append(delta5)
             ratios.append(ratio)
             deltas.append(delta)
             accs.append(r["final_accuracy"])
             lines.append(
                 f"| {codec} | {seed} | {r['bytes_up_per_round']:,.0f} | {ratio:.2f}x | "
-                f"{r['final_accuracy']:.4f} | {100 * delta:+.2f} |"
+                f"{r['final_accuracy']:.4f} | {100 * delta:+.2f} | "
+                f"{r['last5_accuracy']:.4f} | {100 * delta5:+.2f} |"
             )
         per_codec[codec] = {
             "ratio_mean": statistics.mean(ratios),
             "accuracy_mean": statistics.mean(accs),
             "delta_mean": statistics.mean(deltas),
             "delta_worst": min(deltas),
+            "delta5_mean": statistics.mean(deltas5),
         }
     lines += [
         "",
         "| codec | mean size ratio | mean final accuracy | mean / worst vs float32 "
-        "(points) | target |",
-        "|---|---|---|---|---|",
+        "(points) | last 5 rounds vs float32 (points) | target (final accuracy) |",
+        "|---|---|---|---|---|---|",
     ]
     for codec, s in per_codec.items():
         target = ""
@@ -120,11 +132,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         lines.append(
             f"| {codec} | {s['ratio_mean']:.2f}x | {s['accuracy_mean']:.4f} | "
-            f"{100 * s['delta_mean']:+.2f} / {100 * s['delta_worst']:+.2f} | {target} |"
+            f"{100 * s['delta_mean']:+.2f} / {100 * s['delta_worst']:+.2f} | "
+            f"{100 * s['delta5_mean']:+.2f} | {target} |"
         )
+    command = " ".join(["python -m experiments.bench_compression", *(argv or sys.argv[1:])])
+    header = [f"Command: `{command}` (runs in `{args.runs_dir}`).", ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(header + lines) + "\n")
     out.with_suffix(".json").write_text(
         json.dumps({"runs": runs, "per_codec": per_codec}, indent=2)
     )

@@ -154,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * s['diff_worst']:+.2f} | {target} |"
         )
     lines += ["", *_curve_table(runs, modes, args.seeds)]
+    command = " ".join(["python -m experiments.bench_personalization", *(argv or sys.argv[1:])])
+    header = [f"Command: `{command}` (runs in `{args.runs_dir}`).", ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(header + lines) + "\n")
     out.with_suffix(".json").write_text(
         json.dumps({"runs": runs, "per_mode": per_mode}, indent=2)
     )
