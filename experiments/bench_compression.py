@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * s['delta_mean']:+.2f} / {100 * s['delta_worst']:+.2f} | "
             f"{100 * s['delta5_mean']:+.2f} | {target} |"
         )
-    command = " ".join(["python -m experiments.bench_compression", *(argv or sys.argv[1:])])
+    given = argv if argv is not None else sys.argv[1:]
+    command = " ".join(["python -m experiments.bench_compression", *given])
     header = [f"Command: `{command}` (runs in `{args.runs_dir}`).", ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * s['diff_worst']:+.2f} | {target} |"
         )
     lines += ["", *_curve_table(runs, modes, args.seeds)]
-    command = " ".join(["python -m experiments.bench_personalization", *(argv or sys.argv[1:])])
+    given = argv if argv is not None else sys.argv[1:]
+    command = " ".join(["python -m experiments.bench_personalization", *given])
     header = [f"Command: `{command}` (runs in `{args.runs_dir}`).", ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
