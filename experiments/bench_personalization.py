@@ -16,16 +16,39 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from orchestration.config import RunConfig
-from orchestration.runner import run_experiment
 
 from .bench_compression import finished_run
 
 MODES = ("none", "fedper", "ditto")
+
+
+_CHILD = (
+    "import json, sys\n"
+    "from orchestration.config import RunConfig\n"
+    "from orchestration.runner import run_experiment\n"
+    "run_experiment(RunConfig.from_flat(json.loads(sys.argv[1])))\n"
+)
+
+
+def run_isolated(cfg: RunConfig) -> dict[str, Any]:
+    """Run ``cfg`` in a fresh Python process and return its summary.
+
+    A second simulation in one process after a run with federated evaluation timed
+    out on its roll call every time it was tried on the loaded benchmark machine, so
+    each run gets its own process (and its own Ray instance).
+    """
+    child = [sys.executable, "-c", _CHILD, json.dumps(cfg.to_flat())]
+    subprocess.run(child, check=True)
+    summary = finished_run(cfg)
+    if summary is None:
+        raise RuntimeError(f"run {cfg.run_name} wrote no complete summary")
+    return summary
 
 
 def _client_curve(run_dir: Path) -> dict[int, float]:
@@ -103,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                     "run_name": f"{mode}-s{seed}",
                 }
             )
-            summary = finished_run(cfg) or run_experiment(cfg)
+            summary = finished_run(cfg) or run_isolated(cfg)
             ev = summary["client_eval"]
             summary["mode"] = mode
             summary["client_global_acc"] = ev["client_global_acc"]
