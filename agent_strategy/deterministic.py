@@ -236,7 +236,7 @@ class DeterministicPolicy:
         return Allocation(
             local_epochs=epochs,
             lr=obs.default_lr,
-            compression="none",
+            compression=obs.default_compression,
             deadline_s=deadline,
         )
 

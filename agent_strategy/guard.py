@@ -174,6 +174,7 @@ def _guard_train(decision: Decision, obs: Observation) -> Guarded:
             alloc = Allocation(
                 local_epochs=obs.default_epochs,
                 lr=obs.default_lr,
+                compression=obs.default_compression,
                 deadline_s=lim.deadline_s,
             )
         fixed = _clamp_allocation(alloc, obs)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Phase = Literal["train", "aggregate"]
 FlagKind = Literal["straggler", "faulty", "malicious"]
-Compression = Literal["none"]
+Compression = Literal["none", "q8", "q4", "topk", "topk_q8"]
 DecisionSource = Literal["deterministic", "llm", "fallback"]
 PlanReason = Literal[
     "start",
@@ -104,6 +104,9 @@ class Observation(_Frozen):
     target_clients: int = Field(ge=1, description="clients wanted this round")
     default_epochs: int = Field(ge=1)
     default_lr: float = Field(gt=0)
+    default_compression: Compression = Field(
+        "none", description="upload codec of the run's default allocation"
+    )
     limits: Limits
     clients: tuple[ClientState, ...]
     replies: tuple[ReplyFeatures, ...] = ()

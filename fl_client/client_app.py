@@ -4,14 +4,17 @@ The module-level ``app`` reads the run configuration from Flower (``flwr run``);
 :func:`make_client_app` binds an explicit :class:`RunConfig` instead, for the
 programmatic simulation entry point where Flower's ``run_config`` is empty.
 
-Every train reply carries one ``ArrayRecord`` (the new local weights) and one
-``MetricRecord`` with ``num-examples``, ``train-loss``, ``train-duration`` and
-``partition-id``, so that Flower's own strategies can aggregate it as well.
+Every train reply carries one ``ArrayRecord`` (the new local weights; with compression
+the encoded update plus a ``compression`` ConfigRecord, see :mod:`fl_client.features`;
+under FedPer the shared layers only) and one ``MetricRecord`` with ``num-examples``,
+``train-loss``, ``train-duration`` and ``partition-id``, so that Flower's own
+strategies can aggregate it as well.
 """
 
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import TypeVar
 
 import torch
@@ -28,6 +31,7 @@ from flwr.clientapp.typing import Mod
 
 from orchestration.config import RunConfig
 
+from . import features
 from .node_config import data_path, threads
 from .privacy import privacy_train_mod, train_private
 from .task import build_model, evaluate, split_for, train
@@ -119,26 +123,41 @@ def make_client_app(
         epochs = _number(conf, "local-epochs", run_cfg.train.local_epochs, int)
         lr = _number(conf, "lr", run_cfg.train.lr, float)
         server_round = _number(conf, "server-round", 0, int)
-        model = _model(run_cfg, split, msg.content.array_records["arrays"])
-        start = time.perf_counter()
+        received = msg.content.array_records["arrays"]
+        model = _model(run_cfg, split, received)
+        features.before_train(run_cfg, model, context.state)
         seed = run_cfg.seed * 1_000_003 + server_round * 1009 + pid
+        fit = partial(
+            train,
+            data=split.train,
+            lr=lr,
+            momentum=run_cfg.train.momentum,
+            batch_size=run_cfg.train.batch_size,
+            seed=seed,
+        )
         private: dict[str, float] = {}
+        start = time.perf_counter()
         if run_cfg.dp.mode == "sample":  # DP-SGD (Opacus), accountant in context.state
             loss, private = train_private(
                 run_cfg, model, split.train, context, epochs=epochs, lr=lr, seed=seed
             )
         else:
-            loss = train(
+            loss = fit(
                 model,
-                split.train,
                 epochs=epochs,
-                lr=lr,
-                momentum=run_cfg.train.momentum,
-                batch_size=run_cfg.train.batch_size,
-                seed=seed,
                 proximal_mu=_number(conf, "proximal-mu", 0.0, float),
             )
         duration = time.perf_counter() - start
+        upload = features.after_train(
+            run_cfg,
+            model,
+            received,
+            conf,
+            context.state,
+            build=lambda: _model(run_cfg, split, received),
+            fit=fit,
+            seed=seed,
+        )
         metrics = MetricRecord(
             {
                 "num-examples": len(split.train.y),
@@ -146,11 +165,10 @@ def make_client_app(
                 "train-duration": duration,
                 "partition-id": pid,
                 **private,
+                **upload.metrics,
             }
         )
-        content = RecordDict(
-            {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}
-        )
+        content = RecordDict({**features.reply_records(upload), "metrics": metrics})
         return Message(content, reply_to=msg)
 
     @app.evaluate()
@@ -158,7 +176,8 @@ def make_client_app(
         """Evaluate the received model on the local test split."""
         run_cfg = resolve(context)
         pid, split = _client_data(run_cfg, context)
-        model = _model(run_cfg, split, msg.content.array_records["arrays"])
+        received = msg.content.array_records["arrays"]
+        model = _model(run_cfg, split, received)
         loss, acc = evaluate(model, split.test)
         metrics = MetricRecord(
             {
@@ -166,6 +185,12 @@ def make_client_app(
                 "eval-loss": loss,
                 "eval-acc": acc,
                 "partition-id": pid,
+                **features.personal_metrics(
+                    run_cfg,
+                    lambda: _model(run_cfg, split, received),
+                    context.state,
+                    split.test,
+                ),
             }
         )
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,7 @@ class RoundRecorder:
         self.first_round = 1
         self.last_arrays: ArrayRecord | None = None
         self._epsilons: dict[str, float] = {}
+        self.client_eval: dict[str, float] = {}
         self._t_last = time.perf_counter()
         self._t_start = self._t_last
 
@@ -116,6 +118,11 @@ class RoundRecorder:
             accepted = traffic.replies - traffic.errors
             flagged, failures = 0, traffic.errors + (traffic.sent - traffic.replies)
             source = "baseline" if server_round > 0 else "init"
+        client_eval: dict[str, float] = {}
+        if isinstance(self.strategy, AgentStrategy):
+            # Federated evaluation means (personalization / client eval), if any.
+            client_eval = self.strategy.features.take_round_metrics()
+            self.client_eval = client_eval or self.client_eval
         rec = RoundRecord(
             round=server_round,
             accuracy=acc,
@@ -133,6 +140,7 @@ class RoundRecorder:
             else round(traffic.sim_time_s, 4),
             epsilon_max=eps_max,
             epsilon_mean=eps_mean,
+            extra=client_eval,
         )
         self.records.append(rec)
         self.last_arrays = arrays
@@ -159,7 +167,7 @@ class RoundRecorder:
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         """Return the results so far (checkpoint part ``results``)."""
-        return {"records": [r.as_dict() for r in self.records]}
+        return {"records": [asdict(r) for r in self.records]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the results so far; the next round is the first of this process."""

@@ -32,6 +32,7 @@ from orchestration.config import RunConfig
 from orchestration.session import RunSession, resume_dir
 
 from .baselines import build_baseline
+from .client_features import ClientFeatures
 from .device_grid import DeviceSimulator
 from .metering import MeteredGrid
 from .policy_setup import PolicySetup, open_policy
@@ -132,6 +133,7 @@ def build_strategy(
         decision_log=run_dir / "decisions.jsonl",
         telemetry=setup.telemetry,
         roll_call_timeout_s=min(120.0, cfg.round_timeout_s),
+        features=ClientFeatures.from_config(cfg),
     )
 
 
@@ -241,6 +243,7 @@ def _run_server(
         "bytes_down": sum(r.bytes_down for r in recorder.records),
         "client_failures": sum(r.failures for r in recorder.records),
         "sim_time_s": final.sim_time_s,
+        "client_eval": recorder.client_eval,
         "policy_fallbacks": getattr(strategy, "total_fallbacks", 0),
         "policy": cfg.policy.name if isinstance(strategy, AgentStrategy) else "-",
         "policy_notice": setup.notice if setup is not None else None,

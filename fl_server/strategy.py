@@ -50,6 +50,7 @@ from .aggregation import (
     unflatten_vector,
     weighted_mean,
 )
+from .client_features import ClientFeatures
 from .devices import Timing
 from .privacy_metrics import record_client_epsilon
 from .validation import InvalidReply, ModelSpec, ValidReply, validate_train_reply
@@ -117,6 +118,8 @@ class AgentStrategy(Strategy):
     roll_call_timeout_s : float
         How long the roll call of new nodes waits for answers. A node that fails it
         is asked again only after 2, 4, 8, ... (at most 32) rounds.
+    features : ClientFeatures, optional
+        Upload compression, personal layers, federated evaluation (off by default).
     """
 
     def __init__(
@@ -132,6 +135,7 @@ class AgentStrategy(Strategy):
         decision_log: Path | None = None,
         telemetry: Telemetry | None = None,
         roll_call_timeout_s: float = 120.0,
+        features: ClientFeatures | None = None,
     ) -> None:
         if min_replies > clients_per_round:
             raise ValueError("min_replies must be at most clients_per_round")
@@ -147,6 +151,7 @@ class AgentStrategy(Strategy):
         self.roll_call_timeout_s = roll_call_timeout_s
         self._roll_call_retry: dict[int, tuple[int, int]] = {}  # node: (fails, round)
         self._sent: dict[str, Message] = {}  # this round's train messages by client
+        self.features = features or ClientFeatures()
         self.decisions = 0
         self.llm_latencies: list[float] = []
         self.fallback_reasons: dict[str, int] = {}
@@ -156,6 +161,8 @@ class AgentStrategy(Strategy):
         self.info = RoundInfo()
         self._global: np.ndarray | None = None
         self._spec: ModelSpec | None = None
+        self._order: list[str] = []
+        self._kept: dict[str, Array] = {}
         self._num_rounds = 1
         self._last_accuracy: float | None = None
         self._returned: ArrayRecord | None = None
@@ -181,6 +188,7 @@ class AgentStrategy(Strategy):
     def set_num_rounds(self, num_rounds: int) -> None:
         """Tell the strategy how many rounds the run has (shown to the policy)."""
         self._num_rounds = num_rounds
+        self.features.num_rounds = num_rounds
 
     def set_last_accuracy(self, accuracy: float | None) -> None:
         """Record the latest centralized accuracy (shown to the policy)."""
@@ -215,9 +223,11 @@ class AgentStrategy(Strategy):
         online = self._register_nodes(grid, server_round)
         if arrays is not self._returned:
             # Flower hands back the record aggregate_train returned; only a new one
-            # (round 1, a restored or a caller's own) needs decoding.
-            self._spec = ModelSpec.of(arrays)
-            self._global = flatten_arrays(arrays.to_numpy_ndarrays())
+            # (round 1, a restored or a caller's own) needs splitting and decoding.
+            self._order = list(arrays.keys())
+            shared, self._kept = self.features.split(arrays)
+            self._spec = ModelSpec.of(shared)
+            self._global = flatten_arrays(shared.to_numpy_ndarrays())
         eligible = [c.state for c in self._ordered_clients() if c.node_id in online]
         if len(eligible) < self.min_replies:
             raise RoundFailedError(
@@ -238,6 +248,7 @@ class AgentStrategy(Strategy):
             target_clients=min(self.clients_per_round, len(eligible)),
             default_epochs=self.local_epochs,
             default_lr=self.lr,
+            default_compression=self.features.codec,
             limits=limits,
             clients=tuple(eligible),
             last_accuracy=self._last_accuracy,
@@ -263,6 +274,7 @@ class AgentStrategy(Strategy):
                     "lr": alloc.lr,
                     "deadline-s": alloc.deadline_s,
                     "compression": alloc.compression,
+                    **self.features.train_config(cid, alloc.compression),
                 }
             )
             content = RecordDict({"arrays": arrays, "config": cfg})
@@ -300,8 +312,11 @@ class AgentStrategy(Strategy):
                 self._fail(cid, f"client error: {reply.error.reason}")
                 continue
             try:
+                content = self.features.decode(
+                    cid, reply.content, self._spec, self._global
+                )
                 checked = validate_train_reply(
-                    reply.content, self._spec, out=matrix[len(row_of)]
+                    content, self._spec, out=matrix[len(row_of)]
                 )
             except InvalidReply as e:
                 self._fail(cid, f"rejected: {e}")
@@ -375,6 +390,7 @@ class AgentStrategy(Strategy):
                 for name, a in zip(self._spec.names, new_arrays, strict=True)
             }
         )
+        arrays = self.features.merge(arrays, self._kept, self._order)
         self._global, self._returned = new_global, arrays
         w_loss = float(
             np.average([valid[c].train_loss for c in accepted], weights=weights)
@@ -385,6 +401,7 @@ class AgentStrategy(Strategy):
                 "accepted": len(accepted),
                 "flagged": len(self.info.flagged),
                 "failures": len(self.info.failures),
+                "ef-residuals-missing": self.features.residuals_missing,
             }
         )
         return arrays, metrics
@@ -392,14 +409,15 @@ class AgentStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Federated evaluation is off; the server evaluates centrally."""
-        return []
+        """Federated evaluation when personalization (or client eval) is on."""
+        nodes = [c.node_id for c in self._ordered_clients()]
+        return self.features.evaluate_messages(server_round, arrays, nodes)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Nothing to aggregate (see :meth:`configure_evaluate`)."""
-        return None
+        """Mean global and personalized accuracy on the clients' test splits."""
+        return self.features.aggregate_evaluate(server_round, replies)
 
     # ------------------------------------------------------------------ helpers
     def _ordered_clients(self) -> list[_Client]:

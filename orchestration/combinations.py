@@ -23,6 +23,9 @@ def check_combinations(cfg: RunConfig) -> None:
     _client_dp_needs_a_mean(cfg)
     _dp_needs_noise(cfg)
     _resume_needs_server_side_state(cfg)
+    _client_features_need_the_agent(cfg)
+    _secagg_sums_dense_full_updates(cfg)
+    _client_dp_clips_dense_updates(cfg)
 
 
 def _resume_needs_server_side_state(cfg: RunConfig) -> None:
@@ -118,4 +121,54 @@ def _dp_needs_noise(cfg: RunConfig) -> None:
             f"dp.mode={cfg.dp.mode!r} needs dp.noise_multiplier > 0 (got "
             f"{cfg.dp.noise_multiplier:g}): without noise clipping alone gives no "
             "differential privacy (epsilon is infinite)"
+        )
+
+
+def _client_features_need_the_agent(cfg: RunConfig) -> None:
+    """Compression and personalization need the agent strategy's server side."""
+    if cfg.strategy.name == "agent":
+        return
+    if cfg.compression.codec != "none":
+        raise ValueError(
+            f"compression.codec={cfg.compression.codec!r} needs strategy.name='agent': "
+            f"Flower's {cfg.strategy.name} cannot decode compressed updates (use "
+            "compression.codec='none')"
+        )
+    p = cfg.personalization
+    if p.mode != "none" or p.evaluate_clients:
+        raise ValueError(
+            f"personalization (mode={p.mode!r}, evaluate_clients="
+            f"{p.evaluate_clients}) needs strategy.name='agent': Flower's "
+            f"{cfg.strategy.name} neither keeps personal layers nor gathers "
+            "per-client evaluations"
+        )
+
+
+def _secagg_sums_dense_full_updates(cfg: RunConfig) -> None:
+    if not cfg.secagg.enabled:
+        return
+    if cfg.compression.codec != "none":
+        raise ValueError(
+            f"secagg.enabled=true does not compose with compression.codec="
+            f"{cfg.compression.codec!r}: SecAgg+ masks and sums one dense vector per "
+            "client (it quantizes it itself); quantized codes or top-k indices "
+            "cannot be summed under masks. Use compression.codec='none'"
+        )
+    p = cfg.personalization
+    if p.mode != "none" or p.evaluate_clients:
+        raise ValueError(
+            f"secagg.enabled=true does not compose with personalization (mode="
+            f"{p.mode!r}, evaluate_clients={p.evaluate_clients}): the SecAgg+ "
+            "adapter sums every array of the model and runs no federated "
+            "evaluation. Use personalization.mode='none'"
+        )
+
+
+def _client_dp_clips_dense_updates(cfg: RunConfig) -> None:
+    if cfg.dp.mode == "client" and cfg.compression.codec != "none":
+        raise ValueError(
+            f"dp.mode='client' does not compose with compression.codec="
+            f"{cfg.compression.codec!r}: Flower's fixedclipping_mod clips the "
+            "reply's arrays, which would be the compact encoding, not the update. "
+            "Use compression.codec='none' or dp.mode='sample'"
         )

@@ -25,6 +25,8 @@ PolicyName = Literal["deterministic", "llm"]
 StructuredMode = Literal["auto", "json_schema", "json_object", "tool", "none"]
 RouteTarget = Literal["llm", "deterministic"]
 AutoRouteTarget = Literal["auto", "llm", "deterministic"]
+CodecName = Literal["none", "q8", "q4", "topk", "topk_q8"]
+PersonalMode = Literal["none", "fedper", "ditto"]
 
 
 class ConfigError(ValueError):
@@ -146,6 +148,33 @@ class DevicesConfig(_Section):
     partial_work: bool = Field(
         False, description="late clients train the epochs that fit instead of dropping"
     )
+
+
+class CompressionConfig(_Section):
+    """Upload compression (agent strategy only); the agent may vary it per client."""
+
+    codec: CodecName = Field(
+        "none", description="default allocation: none, q8, q4, topk, topk_q8"
+    )
+    topk_fraction: float = Field(0.01, gt=0, le=1, description="share of entries kept")
+    error_feedback: bool = Field(True, description="top-k: keep the residual")
+
+
+class PersonalizationConfig(_Section):
+    """Personalized models on the clients (agent strategy only)."""
+
+    mode: PersonalMode = Field(
+        "none", description="fedper: personal layers stay local; ditto: personal model"
+    )
+    personal_layers: str = Field(
+        "last", description="fedper: comma-separated name prefixes; last = final layer"
+    )
+    ditto_lambda: float = Field(0.1, ge=0, description="ditto: proximal weight")
+    ditto_epochs: int = Field(1, ge=1, le=100, description="ditto: personal epochs")
+    evaluate_clients: bool = Field(
+        False, description="federated evaluation on clients' test splits (any mode)"
+    )
+    eval_every: int = Field(1, ge=1, description="federated evaluation every N rounds")
 
 
 class RouteConfig(_Section):
@@ -292,6 +321,8 @@ class RunConfig(_Section):
     devices: DevicesConfig = DevicesConfig()
     secagg: SecAggConfig = SecAggConfig()
     dp: DPConfig = DPConfig()
+    compression: CompressionConfig = CompressionConfig()
+    personalization: PersonalizationConfig = PersonalizationConfig()
 
     @model_validator(mode="after")
     def _check_cross_field(self) -> RunConfig:
@@ -409,5 +440,7 @@ def choices(name: str) -> tuple[str, ...]:
         "strategy": StrategyName,
         "policy": PolicyName,
         "structured": StructuredMode,
+        "codec": CodecName,
+        "personalization": PersonalMode,
     }[name]
     return tuple(get_args(literal))

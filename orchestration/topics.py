@@ -39,14 +39,16 @@ class RoundRecord:
     sim_time_s: float | None = None
     epsilon_max: float | None = None  # DP: cumulative epsilon (max / mean over
     epsilon_mean: float | None = None  # the clients that reported one); else None
+    extra: dict[str, float] = field(default_factory=dict)  # e.g. client evaluation
 
     def as_dict(self) -> dict[str, Any]:
         """Return the record as the JSON object written to ``results.jsonl``.
 
         Optional fields that are unset (``sim_time_s`` without simulated devices)
-        are left out.
+        are left out; the ``extra`` metrics are written as top-level keys.
         """
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        row = {k: v for k, v in asdict(self).items() if v is not None}
+        return {**row, **row.pop("extra")}
 
 
 @dataclass(frozen=True)

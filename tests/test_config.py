@@ -113,3 +113,28 @@ def test_resume_is_refused_where_state_lives_outside_the_checkpoint(
 ) -> None:
     with pytest.raises(ConfigError, match=match):
         RunConfig.from_flat({"resume": str(tmp_path), **extra})
+
+
+@pytest.mark.parametrize(
+    ("flat", "match"),
+    [
+        (
+            {"secagg.enabled": True, "compression.codec": "q8"},
+            "cannot be summed under masks",
+        ),
+        (
+            {"secagg.enabled": True, "personalization.mode": "fedper"},
+            "SecAgg\\+ adapter sums every array",
+        ),
+        (
+            {"dp.mode": "client", "compression.codec": "topk"},
+            "fixedclipping_mod clips",
+        ),
+        ({"strategy.name": "fedavg", "compression.codec": "q4"}, "cannot decode"),
+    ],
+)
+def test_features_that_do_not_compose_are_refused(
+    flat: dict[str, object], match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_flat({"clients_per_round": 5, **flat})

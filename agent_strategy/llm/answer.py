@@ -353,8 +353,8 @@ def to_decision(answer: TrainAnswer | AggregateAnswer, obs: Observation) -> Deci
     """Convert a validated answer into a ``Decision(source="llm")``.
 
     Selected clients without an allocation get the observation's defaults; every
-    allocation gets ``limits.deadline_s`` and no compression. Text is stripped of
-    control characters and cut to the decision's length limits.
+    allocation gets ``limits.deadline_s`` and the run's default compression. Text is
+    stripped of control characters and cut to the decision's length limits.
     """
     flags = tuple(
         Flag(id=f.id, kind=f.kind, reason=clean_text(f.reason, 300) or "llm")
@@ -369,6 +369,7 @@ def to_decision(answer: TrainAnswer | AggregateAnswer, obs: Observation) -> Deci
             allocations[cid] = Allocation(
                 local_epochs=max(a.local_epochs, 1) if a else obs.default_epochs,
                 lr=a.lr if a else obs.default_lr,
+                compression=obs.default_compression,
                 deadline_s=obs.limits.deadline_s,
             )
         return Decision(

@@ -33,11 +33,13 @@ def train(
     batch_size: int,
     seed: int,
     proximal_mu: float = 0.0,
+    anchor: list[torch.Tensor] | None = None,
 ) -> float:
     """Train ``model`` in place with SGD; return the mean training loss.
 
     With ``proximal_mu > 0`` the FedProx term ``mu / 2 * ||w - w_start||^2`` is added
-    to the loss, ``w_start`` being the weights the model had on entry.
+    to the loss, ``w_start`` being the weights the model had on entry, or ``anchor``
+    (one tensor per parameter) if given: Ditto's proximal term to the global model.
 
     Raises
     ------
@@ -50,7 +52,10 @@ def train(
     torch.manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     loss_fn = nn.CrossEntropyLoss()
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    if proximal_mu <= 0:
+        anchor = []
+    elif anchor is None:
+        anchor = [p.detach().clone() for p in model.parameters()]
     model.train()
     total, count = 0.0, 0
     for _ in range(epochs):
