@@ -225,10 +225,12 @@ class RunSession:
             )
         self.checkpointer.restore(ckpt)
         r = ckpt.round
-        records = self.checkpointer.parts["results"].state_dict()["records"]
+        recorder = self.checkpointer.parts["results"]
+        if not isinstance(recorder, RoundRecorder):  # pragma: no cover - wire() sets it
+            raise TypeError("the results part is not the round recorder")
         write_atomic(
             self.run_dir / "results.jsonl",
-            "".join(json.dumps(x) + "\n" for x in records).encode(),
+            "".join(json.dumps(r.as_dict()) + "\n" for r in recorder.records).encode(),
         )
         later = _cut_jsonl(self.run_dir / "decisions.jsonl", r)
         _cut_jsonl(self.run_dir / "events.jsonl", r)
