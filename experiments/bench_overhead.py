@@ -242,6 +242,7 @@ def instrumented() -> Iterator[None]:
     from flwr.serverapp.strategy import FedAvg
 
     import agent_strategy.deterministic as det_mod
+    import fl_server.features as feat_mod
     import fl_server.strategy as strat_mod
     import fl_server.validation as val_mod
     from fl_server.metering import MeteredGrid
@@ -287,9 +288,9 @@ def instrumented() -> Iterator[None]:
         _timed_part("  of which flatten replies to float64", val_mod.flatten_arrays),
     )
     patch(
-        strat_mod,
+        feat_mod,
         "coordinate_median",
-        _timed_part("coordinate median", _median_switch(strat_mod.coordinate_median)),
+        _timed_part("coordinate median", _median_switch(feat_mod.coordinate_median)),
     )
     patch(strat_mod, "np", _NumpyProxy(strat_mod.np))
     for name, label in (

@@ -28,6 +28,7 @@ from flwr.clientapp.typing import Mod
 
 from orchestration.config import RunConfig
 
+from .attacks import attacker_for
 from .task import build_model, evaluate, split_for, train
 from .task.partition import ClientSplit
 
@@ -111,19 +112,41 @@ def make_client_app(
         epochs = _number(conf, "local-epochs", run_cfg.train.local_epochs, int)
         lr = _number(conf, "lr", run_cfg.train.lr, float)
         server_round = _number(conf, "server-round", 0, int)
-        model = _model(run_cfg, split, msg.content.array_records["arrays"])
+        received = msg.content.array_records["arrays"]
+        model = _model(run_cfg, split, received)
+        # Simulated adversary (off unless attack.kind is set): see attacks.py.
+        attacker = attacker_for(run_cfg, pid, server_round)
+        seed_pid, train_set = (
+            (pid, split.train)
+            if attacker is None
+            else attacker.training_set(
+                split.train, lambda p: split_for(run_cfg)[0][p].train
+            )
+        )
         start = time.perf_counter()
         loss = train(
             model,
-            split.train,
+            train_set,
             epochs=epochs,
             lr=lr,
             momentum=run_cfg.train.momentum,
             batch_size=run_cfg.train.batch_size,
-            seed=run_cfg.seed * 1_000_003 + server_round * 1009 + pid,
+            seed=run_cfg.seed * 1_000_003 + server_round * 1009 + seed_pid,
             proximal_mu=_number(conf, "proximal-mu", 0.0, float),
         )
         duration = time.perf_counter() - start
+        if attacker is not None:
+            sent = attacker.reply(
+                received.to_numpy_ndarrays(),
+                [t.detach().numpy() for t in model.state_dict().values()],
+                context.state,
+            )
+            model.load_state_dict(
+                {
+                    k: torch.from_numpy(a)
+                    for k, a in zip(model.state_dict(), sent, strict=True)
+                }
+            )
         metrics = MetricRecord(
             {
                 "num-examples": len(split.train.y),

@@ -35,6 +35,8 @@ class RoundRecord:
     wall_s: float
     bytes_up: int
     bytes_down: int
+    failed: bool = False
+    failure_reason: str = ""
 
 
 class RoundRecorder:
@@ -44,8 +46,9 @@ class RoundRecorder:
     evaluates the global model on the central test set, reads the round's traffic from
     the :class:`MeteredGrid` and, for the agent strategy, its round info, appends a
     :class:`RoundRecord` to ``results.jsonl`` and logs a progress line. A round in which
-    fewer than ``min_replies`` train replies succeeded raises
-    :class:`RoundFailedError` (Flower's own strategies would silently keep the model).
+    fewer than ``min_replies`` train replies succeeded (or, for the agent, were
+    usable) is recorded as failed with its reasons, the global model unchanged;
+    ``max_failed_rounds`` failed rounds in a row raise :class:`RoundFailedError`.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class RoundRecorder:
         results_path: Path,
         num_rounds: int,
         min_replies: int,
+        max_failed_rounds: int = 1,
     ) -> None:
         self.model_name = model_name
         self.test_set = test_set
@@ -66,6 +70,8 @@ class RoundRecorder:
         self.results_path = results_path
         self.num_rounds = num_rounds
         self.min_replies = min_replies
+        self.max_failed_rounds = max_failed_rounds
+        self.failed_in_a_row = 0
         self.records: list[RoundRecord] = []
         self._t_last = time.perf_counter()
         self._t_start = self._t_last
@@ -75,12 +81,25 @@ class RoundRecorder:
         now = time.perf_counter()
         wall = now - self._t_last
         traffic = self.grid.take_round()
+        reason = ""
         if server_round > 0 and traffic.replies - traffic.errors < self.min_replies:
-            raise RoundFailedError(
+            reason = (
                 f"round {server_round}: {traffic.replies - traffic.errors} successful "
                 f"train replies of {traffic.sent} sent, fewer than min_replies="
                 f"{self.min_replies}. Errors: {traffic.error_reasons}"
             )
+        if isinstance(self.strategy, AgentStrategy) and server_round > 0:
+            reason = self.strategy.info.failed or reason
+        if reason:
+            self.failed_in_a_row += 1
+            log.warning("round %d failed (global model kept): %s", server_round, reason)
+            if self.failed_in_a_row >= self.max_failed_rounds:
+                raise RoundFailedError(
+                    f"{self.failed_in_a_row} round(s) in a row failed "
+                    f"(max_failed_rounds={self.max_failed_rounds}); last: {reason}"
+                )
+        elif server_round > 0:
+            self.failed_in_a_row = 0
         model = build_model(
             self.model_name, self.test_set.input_shape, self.test_set.num_classes
         )
@@ -111,6 +130,8 @@ class RoundRecorder:
             wall_s=round(wall, 4),
             bytes_up=traffic.bytes_up,
             bytes_down=traffic.bytes_down,
+            failed=bool(reason),
+            failure_reason=reason,
         )
         self.records.append(rec)
         with self.results_path.open("a", encoding="utf-8") as fh:

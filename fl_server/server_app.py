@@ -26,13 +26,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from agent_strategy import DeterministicPolicy, Limits
+from agent_strategy import DeterministicPolicy, Limits, ReputationParams
+from fl_client.attacks import malicious_partitions
 from fl_client.task import build_model, split_for
 from orchestration.config import RunConfig
 
+from .attack_report import detection_scores
 from .baselines import build_baseline
 from .metering import MeteredGrid
-from .policy_setup import PolicySetup, open_policy
+from .policy_setup import PolicySetup, detection_params, open_policy
 from .results import RoundRecorder
 from .strategy import AgentStrategy
 
@@ -106,10 +108,14 @@ def build_strategy(
         weight_trust=p.weight_trust,
         max_staleness=p.max_staleness,
         max_flag_share=p.max_flag_share,
+        rules=cfg.defense.allowed_rules(),
     )
     if setup is None:
-        det = DeterministicPolicy(seed=cfg.seed, exploration=p.exploration)
+        det = DeterministicPolicy(
+            seed=cfg.seed, exploration=p.exploration, detection=detection_params(cfg)
+        )
         setup = PolicySetup(det, det)
+    d = cfg.defense
     return AgentStrategy(
         setup.policy,
         clients_per_round=cfg.clients_per_round,
@@ -120,7 +126,33 @@ def build_strategy(
         fallback=setup.fallback,
         decision_log=run_dir / "decisions.jsonl",
         telemetry=setup.telemetry,
+        reputation=ReputationParams(
+            exclude_after=d.exclude_after, probation_rounds=d.probation_rounds
+        )
+        if d.enabled
+        else None,
+        trim_beta=cfg.strategy.trim_beta,
+        krum_byzantine=cfg.strategy.krum_byzantine,
     )
+
+
+def attack_summary(cfg: RunConfig, strategy: Strategy) -> dict[str, object] | None:
+    """Return the run's attack (who attacked) and, for the agent, detection scores."""
+    a = cfg.attack
+    if a.kind == "none":
+        return None
+    bad = [f"c{p}" for p in malicious_partitions(cfg.num_clients, a.fraction, cfg.seed)]
+    out: dict[str, object] = {
+        "kind": a.kind,
+        "fraction": a.fraction,
+        "start_round": a.start_round,
+        "scale": a.scale,
+        "noise_std": a.noise_std,
+        "malicious": bad,
+    }
+    if isinstance(strategy, AgentStrategy):
+        out["detection"] = detection_scores(strategy.history, bad, a.start_round)
+    return out
 
 
 def run_server(grid: Grid, cfg: RunConfig) -> dict[str, object]:
@@ -164,6 +196,7 @@ def _run_server(
         results_path=results_path,
         num_rounds=cfg.num_rounds,
         min_replies=cfg.min_replies,
+        max_failed_rounds=cfg.max_failed_rounds,
     )
     log.info("run %s: writing to %s", cfg.strategy.name, run_dir)
     result = strategy.start(
@@ -181,7 +214,8 @@ def _run_server(
         raise RuntimeError(
             f"run ended after {rounds_done} of {cfg.num_rounds} rounds; see the log"
         )
-    torch.save(result.arrays.to_torch_state_dict(), run_dir / "model.pt")
+    final_arrays = result.arrays if len(result.arrays) else initial
+    torch.save(final_arrays.to_torch_state_dict(), run_dir / "model.pt")
     final = recorder.records[-1]
     walls = [r.wall_s for r in recorder.records if r.round > 0]
     summary: dict[str, object] = {
@@ -196,6 +230,8 @@ def _run_server(
         "bytes_up": sum(r.bytes_up for r in recorder.records),
         "bytes_down": sum(r.bytes_down for r in recorder.records),
         "client_failures": sum(r.failures for r in recorder.records),
+        "failed_rounds": sum(r.failed for r in recorder.records),
+        "attack": attack_summary(cfg, strategy),
         "policy_fallbacks": getattr(strategy, "total_fallbacks", 0),
         "policy": cfg.policy.name if isinstance(strategy, AgentStrategy) else "-",
         "policy_notice": setup.notice if setup is not None else None,
