@@ -93,11 +93,6 @@ class RoundRecorder:
         if reason:
             self.failed_in_a_row += 1
             log.warning("round %d failed (global model kept): %s", server_round, reason)
-            if self.failed_in_a_row >= self.max_failed_rounds:
-                raise RoundFailedError(
-                    f"{self.failed_in_a_row} round(s) in a row failed "
-                    f"(max_failed_rounds={self.max_failed_rounds}); last: {reason}"
-                )
         elif server_round > 0:
             self.failed_in_a_row = 0
         model = build_model(
@@ -136,6 +131,11 @@ class RoundRecorder:
         self.records.append(rec)
         with self.results_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(asdict(rec)) + "\n")
+        if reason and self.failed_in_a_row >= self.max_failed_rounds:
+            raise RoundFailedError(
+                f"{self.failed_in_a_row} round(s) in a row failed "
+                f"(max_failed_rounds={self.max_failed_rounds}); last: {reason}"
+            )
         if isinstance(self.strategy, AgentStrategy):
             self.strategy.set_last_accuracy(acc)
         self._progress(rec, now)
