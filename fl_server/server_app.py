@@ -133,6 +133,7 @@ def build_strategy(
         else None,
         trim_beta=cfg.strategy.trim_beta,
         krum_byzantine=cfg.strategy.krum_byzantine,
+        roll_call_timeout_s=cfg.round_timeout_s,
     )
 
 

@@ -116,6 +116,9 @@ class AgentStrategy(Strategy):
         replies lower it and repeated ones exclude the client for a while.
     trim_beta, krum_byzantine : float, int
         Parameters of the ``trimmed`` and ``krum`` aggregation rules.
+    roll_call_timeout_s : float
+        How long the roll call waits for nodes (Ray actors may take minutes to
+        start on a loaded machine); the server app passes ``round_timeout_s``.
 
     A round with fewer than ``min_replies`` usable replies fails: the global model
     stays, ``info.failed`` gives the reasons (the recorder logs it and stops the run
@@ -137,6 +140,7 @@ class AgentStrategy(Strategy):
         reputation: ReputationParams | None = None,
         trim_beta: float = 0.2,
         krum_byzantine: int = 2,
+        roll_call_timeout_s: float = 120.0,
     ) -> None:
         if min_replies > clients_per_round:
             raise ValueError("min_replies must be at most clients_per_round")
@@ -152,6 +156,7 @@ class AgentStrategy(Strategy):
         self.reputation = reputation
         self.trim_beta = trim_beta
         self.krum_byzantine = krum_byzantine
+        self.roll_call_timeout_s = roll_call_timeout_s
         self.history: list[dict[str, Any]] = []
         self.decisions = 0
         self.llm_latencies: list[float] = []
@@ -390,7 +395,7 @@ class AgentStrategy(Strategy):
             Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=nid)
             for nid in new
         ]
-        for reply in grid.send_and_receive(msgs, timeout=120):
+        for reply in grid.send_and_receive(msgs, timeout=self.roll_call_timeout_s):
             if reply.has_error():
                 log.warning(
                     "roll call: node %d failed: %s",
