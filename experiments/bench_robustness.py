@@ -84,13 +84,14 @@ def cell_config(
 def plan(
     seeds: list[int], fractions: list[float], attacks: list[str], strategies: list[str]
 ) -> list[tuple[str, float, str, int]]:
-    """Return the cells in run order: clean references first, then the grid."""
+    """Return the cells in run order: clean FedAvg, the grid, then the clean agent."""
     cells: list[tuple[str, float, str, int]] = []
     for seed in seeds:
-        cells += [("none", 0.0, s, seed) for s in ("fedavg", "agent")]
+        cells.append(("none", 0.0, "fedavg", seed))
         for fraction in fractions:
             for attack in attacks:
                 cells += [(attack, fraction, s, seed) for s in strategies]
+        cells.append(("none", 0.0, "agent", seed))
     return cells
 
 

@@ -42,7 +42,8 @@ def _reply(
 def _honest(n: int = 8) -> list[ReplyFeatures]:
     norms = [0.9, 1.0, 1.1, 1.05, 0.95, 1.2, 0.85, 1.0][:n]
     cos = [0.6, 0.55, 0.7, 0.65, 0.5, 0.6, 0.58, 0.62][:n]
-    return [_reply(f"c{i}", norms[i], cos[i]) for i in range(n)]
+    krum = [0.9, 1.0, 1.2, 1.1, 0.8, 1.3, 0.95, 1.0][:n]
+    return [_reply(f"c{i}", norms[i], cos[i], krum_ratio=krum[i]) for i in range(n)]
 
 
 def test_robust_z_known_values() -> None:
@@ -57,6 +58,8 @@ def test_robust_z_known_values() -> None:
 
 def test_honest_round_raises_no_flag() -> None:
     assert detect(_honest()) == ()
+    # a small honest client pointing elsewhere (one-class data) is not flagged
+    assert detect([*_honest(7), _reply("c9", norm=0.5, cos=-0.1)]) == ()
 
 
 @pytest.mark.parametrize(
@@ -65,6 +68,7 @@ def test_honest_round_raises_no_flag() -> None:
         (dict(norm=8.0), "robust SDs above"),
         (dict(norm=0.0, cos=0.0), "little or no work"),
         (dict(cos=-0.5), "cosine to the coordinate median -0.50"),
+        (dict(cos=-0.1, norm=1.3), "with a norm above the median"),
         (dict(krum_ratio=50.0), "Krum score 50x"),
     ],
 )
