@@ -82,7 +82,11 @@ def cell_config(
 
 
 def plan(
-    seeds: list[int], fractions: list[float], attacks: list[str], strategies: list[str]
+    seeds: list[int],
+    fractions: list[float],
+    attacks: list[str],
+    strategies: list[str],
+    clean_agent: bool = True,
 ) -> list[tuple[str, float, str, int]]:
     """Return the cells in run order: clean FedAvg, the grid, then the clean agent."""
     cells: list[tuple[str, float, str, int]] = []
@@ -91,7 +95,8 @@ def plan(
         for fraction in fractions:
             for attack in attacks:
                 cells += [(attack, fraction, s, seed) for s in strategies]
-        cells.append(("none", 0.0, "agent", seed))
+        if clean_agent:
+            cells.append(("none", 0.0, "agent", seed))
     return cells
 
 
@@ -300,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench_robustness"))
     ap.add_argument("--out", default=str(RESULTS / "robustness.md"))
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument(
+        "--no-clean-agent", action="store_true", help="skip the clean agent run"
+    )
     args = ap.parse_args(argv)
     runs_dir = Path(args.runs_dir).resolve()
     out = Path(args.out)
@@ -310,7 +318,13 @@ def main(argv: list[str] | None = None) -> int:
         from orchestration.config import RunConfig
         from orchestration.runner import RunFailedError, run_experiment
 
-        cells = plan(args.seeds, args.fractions, args.attacks, args.strategies)
+        cells = plan(
+            args.seeds,
+            args.fractions,
+            args.attacks,
+            args.strategies,
+            clean_agent=not args.no_clean_agent,
+        )
         for i, (attack, frac, strategy, seed) in enumerate(cells, 1):
             name = run_name(attack, frac, strategy, seed)
             if (runs_dir / name / "summary.json").exists():
