@@ -102,13 +102,23 @@ def plan(
 
 def _load(runs_dir: Path) -> list[dict[str, Any]]:
     rows = []
-    for summary_path in sorted(runs_dir.glob("*/summary.json")):
-        summary = json.loads(summary_path.read_text())
-        cfg = json.loads((summary_path.parent / "config.json").read_text())
-        results = [
-            json.loads(x)
-            for x in (summary_path.parent / "results.jsonl").read_text().splitlines()
-        ]
+    for results_path in sorted(runs_dir.glob("*/results.jsonl")):
+        summary_path = results_path.parent / "summary.json"
+        cfg = json.loads((results_path.parent / "config.json").read_text())
+        results = [json.loads(x) for x in results_path.read_text().splitlines()]
+        if summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+        elif len(results) > 1 and results[-1].get("failed"):
+            # Stopped after max_failed_rounds failed rounds (e.g. the model became
+            # NaN and every client failed): scored at its last evaluated accuracy.
+            summary = {
+                "final_accuracy": results[-1]["accuracy"],
+                "wall_s": None,
+                "failed_rounds": sum(bool(r.get("failed")) for r in results),
+                "stopped_at_round": results[-1]["round"],
+            }
+        else:
+            continue  # unfinished
         rows.append(
             {
                 "name": summary_path.parent.name,
@@ -119,11 +129,23 @@ def _load(runs_dir: Path) -> list[dict[str, Any]]:
                 "final_accuracy": summary["final_accuracy"],
                 "wall_s": summary["wall_s"],
                 "failed_rounds": summary.get("failed_rounds", 0),
+                "stopped_at_round": summary.get("stopped_at_round"),
                 "accuracy": [r["accuracy"] for r in results],
                 "detection": (summary.get("attack") or {}).get("detection"),
             }
         )
     return rows
+
+
+def _finished(run_dir: Path) -> bool:
+    """Return whether a run completed, or stopped for good (diverged)."""
+    if (run_dir / "summary.json").exists():
+        return True
+    results = run_dir / "results.jsonl"
+    if not results.exists():
+        return False
+    lines = results.read_text().splitlines()
+    return bool(lines) and bool(json.loads(lines[-1]).get("failed"))
 
 
 def _rel(path: Path) -> Path:
@@ -209,7 +231,15 @@ def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
                 "seeds": n,
             }
         )
+    stopped = [r for r in rows if r["stopped_at_round"]]
     lines += [
+        "",
+        *(
+            f"`{r['name']}` stopped at round {r['stopped_at_round']} after "
+            f"{r['failed_rounds']} failed rounds (every client failed: the global "
+            "model had diverged); scored at its last accuracy."
+            for r in stopped
+        ),
         "",
         f"{len(rows)} runs in `{_rel(runs_dir)}`. "
         f"To run or continue the sweep (finished runs are skipped): `{command}`",
@@ -327,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for i, (attack, frac, strategy, seed) in enumerate(cells, 1):
             name = run_name(attack, frac, strategy, seed)
-            if (runs_dir / name / "summary.json").exists():
+            if _finished(runs_dir / name):
                 continue
             print(f"[{i}/{len(cells)}] {name}", flush=True)
             t0 = time.perf_counter()
