@@ -4,9 +4,11 @@ Observations in, decisions out: :class:`Observation`, :class:`Decision`, the
 :class:`Policy` protocol, the :class:`DeterministicPolicy` and :func:`guard`.
 """
 
+from .detection import DetectionParams, detect
 from .deterministic import DeterministicPolicy
 from .guard import Guarded, GuardError, cap_weights, guard
 from .policy import Policy
+from .reputation import ReputationParams, is_excluded, next_state
 from .types import (
     Allocation,
     ClientState,
@@ -21,6 +23,7 @@ __all__ = [
     "Allocation",
     "ClientState",
     "Decision",
+    "DetectionParams",
     "DeterministicPolicy",
     "Flag",
     "GuardError",
@@ -29,6 +32,10 @@ __all__ = [
     "Observation",
     "Policy",
     "ReplyFeatures",
+    "ReputationParams",
     "cap_weights",
+    "detect",
     "guard",
+    "is_excluded",
+    "next_state",
 ]

@@ -13,12 +13,20 @@ seconds: ``t`` is its last measured duration, or, when the server measured its
 per-epoch compute and communication (simulated devices), the time of a round at the
 default epochs; ``T`` is the deadline, or a quantile of the clients' expected
 durations when ``duration_quantile`` is set (Oort's preferred round duration).
+
+With ``detection`` parameters (``defense.enabled``), excluded clients are not selected,
+the detectors of :mod:`agent_strategy.detection` flag suspicious replies as malicious,
+weights are examples times reputation, and the aggregation rule is the weighted mean,
+or the coordinate-wise median when more replies look suspicious than the guard lets
+the policy flag.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .detection import DetectionParams, detect
+from .reputation import is_excluded
 from .types import (
     Allocation,
     ClientState,
@@ -118,6 +126,8 @@ class DeterministicPolicy:
     duration_quantile : float
         Oort's preferred round duration as this quantile of the clients' expected
         durations (see :func:`preferred_duration`); 0 uses the deadline.
+    detection : DetectionParams, optional
+        Turns on adversary detection, reputation weighting and exclusion.
     """
 
     name = "deterministic"
@@ -128,6 +138,7 @@ class DeterministicPolicy:
         exploration: float = 0.2,
         cutoff: float = 0.95,
         duration_quantile: float = 0.0,
+        detection: DetectionParams | None = None,
     ) -> None:
         if not 0.0 <= exploration <= 1.0:
             raise ValueError(f"exploration must be in [0, 1], got {exploration}")
@@ -141,6 +152,7 @@ class DeterministicPolicy:
         self.exploration = exploration
         self.cutoff = cutoff
         self.duration_quantile = duration_quantile
+        self.detection = detection
 
     def decide(self, obs: Observation) -> Decision:
         """Return a selection and allocation (train) or weights and flags."""
@@ -155,6 +167,8 @@ class DeterministicPolicy:
     def _train(self, obs: Observation) -> Decision:
         rng = self._rng(obs)
         clients = list(obs.clients)
+        if self.detection is not None:
+            clients = [c for c in clients if not is_excluded(c, obs.round)]
         n = min(obs.target_clients, len(clients))
         n_explore = round(self.exploration * n)
         tie = rng.random(len(clients))
@@ -182,7 +196,9 @@ class DeterministicPolicy:
         # Exploitation, as Oort: candidates are the clients whose utility is at least
         # ``cutoff`` times the k-th best; k of them are drawn without replacement with
         # probability proportional to utility (Gumbel top-k). Unseen clients first.
-        util = utilities(obs, self.duration_quantile)
+        util = utilities(
+            obs.model_copy(update={"clients": tuple(clients)}), self.duration_quantile
+        )
         k = n - len(chosen)
         is_seen = np.isfinite(util)
         unseen = sorted((i for i in rest if not is_seen[i]), key=lambda i: tie[i])
@@ -240,8 +256,7 @@ class DeterministicPolicy:
             deadline_s=deadline,
         )
 
-    @staticmethod
-    def _aggregate(obs: Observation) -> Decision:
+    def _aggregate(self, obs: Observation) -> Decision:
         flags = tuple(
             Flag(
                 id=r.id,
@@ -254,13 +269,31 @@ class DeterministicPolicy:
             for r in obs.replies
             if r.duration_s > obs.limits.deadline_s
         )
+        rule = "weighted"
+        reputation = {c.id: 1.0 for c in obs.clients}
+        if self.detection is not None:
+            suspects = detect(obs.replies, self.detection)
+            flags += suspects
+            reputation = {c.id: c.reputation for c in obs.clients}
+            if len({f.id for f in flags}) > int(
+                obs.limits.max_flag_share * len(obs.replies)
+            ):
+                rule = "median"
         flagged = {f.id for f in flags}
         weights = {
-            r.id: float(r.num_examples) for r in obs.replies if r.id not in flagged
+            r.id: float(r.num_examples) * max(reputation.get(r.id, 1.0), 1e-3)
+            for r in obs.replies
+            if r.id not in flagged
         }
+        kinds = [f.kind for f in flags]
         return Decision(
             weights=weights,
             flags=flags,
-            rationale=f"weights by examples; {len(flags)} straggler(s) flagged",
+            aggregation=rule,
+            rationale=(
+                f"weights by examples{' x reputation' if self.detection else ''}; "
+                f"{kinds.count('straggler')} straggler(s), "
+                f"{kinds.count('malicious')} suspect(s) flagged; rule {rule}"
+            ),
             source="deterministic",
         )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .reputation import is_excluded
 from .types import Allocation, Decision, Flag, Observation
 
 
@@ -82,7 +83,9 @@ def cap_weights(weights: np.ndarray, caps: np.ndarray | float) -> np.ndarray:
 def guard(decision: Decision, obs: Observation) -> Guarded:
     """Return ``decision`` made safe for ``obs``, with the changes made.
 
-    Train phase: selected ids are eligible, unique, not flagged, and between
+    Train phase: selected ids are eligible, unique, not flagged, not excluded
+    (``ClientState.excluded_until``; excluded clients only fill up a selection that
+    would otherwise stay under the minimum), and between
     ``limits.min_clients`` and ``limits.max_clients`` (topped up with the least
     recently selected clients if short); clients left out for more than
     ``limits.max_staleness`` rounds are added, up to half the slots, replacing the
@@ -93,7 +96,7 @@ def guard(decision: Decision, obs: Observation) -> Guarded:
     them; weights cover exactly the unflagged
     replies, are finite and non-negative (examples-based if none are usable), sum to
     1, and none exceeds ``max_weight_share`` or ``weight_trust`` times its share of
-    the examples.
+    the examples; the aggregation rule is one of ``limits.rules`` (else the first).
 
     Raises
     ------
@@ -118,7 +121,10 @@ def _guard_train(decision: Decision, obs: Observation) -> Guarded:
     flags = tuple(f for f in decision.flags if f.id in eligible_set)
     if len(flags) != len(decision.flags):
         changes.append("dropped flags on unknown clients")
-    flagged = {f.id for f in flags}
+    # Excluded clients (reputation) are treated as flagged: never selected, unless
+    # too few others remain (then the top-up below may take them back).
+    excluded = {c.id for c in obs.clients if is_excluded(c, obs.round)}
+    flagged = {f.id for f in flags} | excluded
 
     selected: list[str] = []
     seen: set[str] = set()
@@ -127,6 +133,8 @@ def _guard_train(decision: Decision, obs: Observation) -> Guarded:
             changes.append(f"dropped duplicate {cid}")
         elif cid not in eligible_set:
             changes.append(f"dropped ineligible {cid}")
+        elif cid in excluded:
+            changes.append(f"dropped {cid}: excluded until round {_until(obs, cid)}")
         elif cid in flagged:
             changes.append(f"dropped {cid}: both selected and flagged")
         else:
@@ -161,6 +169,9 @@ def _guard_train(decision: Decision, obs: Observation) -> Guarded:
         by_staleness = sorted(
             (c for c in obs.clients if c.id not in chosen and c.id not in flagged),
             key=lambda c: (c.last_selected_round, int(c.id[1:])),
+        ) + sorted(
+            (c for c in obs.clients if c.id in excluded and c.id not in chosen),
+            key=lambda c: (-c.reputation, c.excluded_until, int(c.id[1:])),
         )
         extra = [c.id for c in by_staleness[: lim.min_clients - len(selected)]]
         changes.append(f"topped up selection with {extra}")
@@ -190,6 +201,10 @@ def _guard_train(decision: Decision, obs: Observation) -> Guarded:
         }
     )
     return Guarded(guarded, tuple(changes))
+
+
+def _until(obs: Observation, cid: str) -> int:
+    return next(c.excluded_until for c in obs.clients if c.id == cid)
 
 
 def _clamp_allocation(alloc: Allocation, obs: Observation) -> Allocation:
@@ -267,12 +282,20 @@ def _guard_aggregate(decision: Decision, obs: Observation) -> Guarded:
                 "the examples share)"
             )
         weights = {r.id: float(w) for r, w in zip(accepted, capped, strict=True)}
+    rule = decision.aggregation
+    if rule not in obs.limits.rules:
+        changes.append(
+            f"aggregation {rule!r} not allowed ({', '.join(obs.limits.rules)}); "
+            f"using {obs.limits.rules[0]!r}"
+        )
+        rule = obs.limits.rules[0]
     guarded = decision.model_copy(
         update={
             "selected": (),
             "allocations": {},
             "weights": weights,
             "flags": tuple(flags),
+            "aggregation": rule,
         }
     )
     return Guarded(guarded, tuple(changes))

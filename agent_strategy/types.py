@@ -35,6 +35,8 @@ PlanReason = Literal[
     "budget_exhausted",
 ]
 
+AggregationRule = Literal["weighted", "trimmed", "median", "krum"]
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -58,6 +60,14 @@ class ClientState(_Frozen):
     )
     failures: int = Field(0, ge=0, description="error or rejected replies so far")
     times_flagged: int = Field(0, ge=0)
+    reputation: float = Field(
+        1.0, ge=0, le=1, description="1 = trusted; falls with flags and rejections"
+    )
+    consecutive_flags: int = Field(0, ge=0, description="flags or rejections in a row")
+    excluded_until: int = Field(
+        0, ge=0, description="not selectable up to this round; 0 = never excluded"
+    )
+    times_excluded: int = Field(0, ge=0)
 
 
 class ReplyFeatures(_Frozen):
@@ -70,6 +80,15 @@ class ReplyFeatures(_Frozen):
     update_norm: float = Field(ge=0, description="L2 norm of (new - global)")
     cosine_to_median: float = Field(
         ge=-1.0, le=1.0, description="cosine of the update to the coordinate median"
+    )
+    krum_ratio: float = Field(
+        1.0, ge=0, description="Krum score / the round's median Krum score"
+    )
+    distance_rank: int = Field(
+        1, ge=1, description="1 = most central update (lowest Krum score)"
+    )
+    duplicates: int = Field(
+        0, ge=0, description="other replies of this round with an identical update"
     )
 
 
@@ -92,6 +111,11 @@ class Limits(_Frozen):
     )
     max_flag_share: float = Field(
         1.0, gt=0, le=1, description="largest share of a round's replies flagged"
+    )
+    rules: tuple[AggregationRule, ...] = Field(
+        ("weighted", "trimmed", "median", "krum"),
+        min_length=1,
+        description="aggregation rules allowed; any other choice becomes the first",
     )
 
 
@@ -142,5 +166,8 @@ class Decision(_Frozen):
     allocations: dict[str, Allocation] = Field(default_factory=dict)
     weights: dict[str, float] = Field(default_factory=dict)
     flags: tuple[Flag, ...] = ()
+    aggregation: AggregationRule = Field(
+        "weighted", description="robust rule combined with the weights (aggregate)"
+    )
     rationale: str = Field("", max_length=2000)
     source: DecisionSource = "deterministic"

@@ -198,6 +198,7 @@ def instrumented() -> Iterator[None]:
     from flwr.serverapp.strategy import FedAvg
 
     import agent_strategy.deterministic as det_mod
+    import fl_server.features as feat_mod
     import fl_server.strategy as strat_mod
     from fl_server.metering import MeteredGrid
     from fl_server.results import RoundRecorder
@@ -223,10 +224,8 @@ def instrumented() -> Iterator[None]:
     for name, label in (
         ("validate_train_reply", "validate replies (decode, checks, fill matrix)"),
         ("flatten_arrays", "flatten a new global model (round 1 only)"),
-        ("coordinate_median", "coordinate median"),
-        ("l2_norms", "update norms"),
-        ("cosine_to", "cosine to median"),
-        ("weighted_mean", "weighted mean"),
+        ("update_features", "reply features (norms, cosines, Krum, duplicates)"),
+        ("combine", "aggregate (weighted mean or the policy's robust rule)"),
         ("unflatten_vector", "unflatten to arrays"),
         ("Observation", "build Observation (pydantic)"),
         ("ReplyFeatures", "build ReplyFeatures (pydantic)"),
@@ -237,6 +236,12 @@ def instrumented() -> Iterator[None]:
         ("Message", "build messages"),
     ):
         patch(strat_mod, name, _timed_part(label, strat_mod.__dict__[name]))
+    for name, label in (
+        ("coordinate_median", "  of which coordinate median"),
+        ("krum_ratios", "  of which Krum ratios"),
+        ("duplicate_counts", "  of which duplicate check"),
+    ):
+        patch(feat_mod, name, _timed_part(label, feat_mod.__dict__[name]))
     for name, label in (
         ("_decide", "_decide (policy + guard + decision log)"),
         ("_register_nodes", "roll call check (get_node_ids)"),

@@ -32,6 +32,7 @@ from flwr.clientapp.typing import Mod
 from orchestration.config import RunConfig
 
 from . import features
+from .attacks import attacker_for
 from .node_config import data_path, threads
 from .privacy import privacy_train_mod, train_private
 from .task import build_model, evaluate, split_for, train
@@ -126,10 +127,19 @@ def make_client_app(
         received = msg.content.array_records["arrays"]
         model = _model(run_cfg, split, received)
         features.before_train(run_cfg, model, context.state)
-        seed = run_cfg.seed * 1_000_003 + server_round * 1009 + pid
+        # Simulated adversary (off unless attack.kind is set): see attacks.py.
+        attacker = attacker_for(run_cfg, pid, server_round)
+        seed_pid, train_set = (
+            (pid, split.train)
+            if attacker is None
+            else attacker.training_set(
+                split.train, lambda p: split_for(run_cfg)[0][p].train
+            )
+        )
+        seed = run_cfg.seed * 1_000_003 + server_round * 1009 + seed_pid
         fit = partial(
             train,
-            data=split.train,
+            data=train_set,
             lr=lr,
             momentum=run_cfg.train.momentum,
             batch_size=run_cfg.train.batch_size,
@@ -139,7 +149,7 @@ def make_client_app(
         start = time.perf_counter()
         if run_cfg.dp.mode == "sample":  # DP-SGD (Opacus), accountant in context.state
             loss, private = train_private(
-                run_cfg, model, split.train, context, epochs=epochs, lr=lr, seed=seed
+                run_cfg, model, train_set, context, epochs=epochs, lr=lr, seed=seed
             )
         else:
             loss = fit(
@@ -148,6 +158,18 @@ def make_client_app(
                 proximal_mu=_number(conf, "proximal-mu", 0.0, float),
             )
         duration = time.perf_counter() - start
+        if attacker is not None:
+            sent = attacker.reply(
+                received.to_numpy_ndarrays(),
+                [t.detach().numpy() for t in model.state_dict().values()],
+                context.state,
+            )
+            model.load_state_dict(
+                {
+                    k: torch.from_numpy(a)
+                    for k, a in zip(model.state_dict(), sent, strict=True)
+                }
+            )
         upload = features.after_train(
             run_cfg,
             model,

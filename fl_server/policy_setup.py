@@ -17,7 +17,13 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent_strategy import Decision, DeterministicPolicy, Observation, Policy
+from agent_strategy import (
+    Decision,
+    DetectionParams,
+    DeterministicPolicy,
+    Observation,
+    Policy,
+)
 from orchestration.config import RunConfig
 
 if TYPE_CHECKING:
@@ -75,6 +81,14 @@ def resolve_route(cfg: RunConfig) -> tuple[str, tuple[str, ...]]:
     return weighting, (detection,)
 
 
+def detection_params(cfg: RunConfig) -> DetectionParams | None:
+    """Return the deterministic detectors' thresholds, or None if defense is off."""
+    d = cfg.defense
+    if not d.enabled:
+        return None
+    return DetectionParams(z_threshold=d.z_threshold, min_cosine=d.min_cosine)
+
+
 @contextmanager
 def open_policy(cfg: RunConfig) -> Iterator[PolicySetup]:
     """Yield the configured policy; stop whatever it started on exit."""
@@ -82,6 +96,7 @@ def open_policy(cfg: RunConfig) -> Iterator[PolicySetup]:
         seed=cfg.seed,
         exploration=cfg.policy.exploration,
         duration_quantile=cfg.policy.duration_quantile,
+        detection=detection_params(cfg),
     )
     if cfg.policy.name == "deterministic":
         yield PolicySetup(det, det)

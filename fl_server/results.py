@@ -52,8 +52,10 @@ class RoundRecorder:
     the :class:`MeteredGrid` and, for the agent strategy, its round info, and
     publishes a :class:`RoundReport` on ``hub``. If ``should_stop()`` is true after
     the report's inline subscribers ran, it raises :class:`StopRun`. A round in which
-    fewer than ``min_replies`` train replies succeeded raises
-    :class:`RoundFailedError` (Flower's own strategies would silently keep the model).
+    fewer than ``min_replies`` train replies succeeded (or, for the agent, were
+    usable) is recorded as failed with its reasons, the global model unchanged;
+    ``max_failed_rounds`` failed rounds in a row raise :class:`RoundFailedError`
+    (Flower's own strategies would silently keep the model).
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class RoundRecorder:
         min_replies: int,
         should_stop: Callable[[], str | None] = lambda: None,
         llm_cost: Callable[[], float] = lambda: 0.0,
+        max_failed_rounds: int = 1,
     ) -> None:
         self.model_name = model_name
         self.test_set = test_set
@@ -78,6 +81,8 @@ class RoundRecorder:
         self.min_replies = min_replies
         self.should_stop = should_stop
         self.llm_cost = llm_cost
+        self.max_failed_rounds = max_failed_rounds
+        self.failed_in_a_row = 0
         self.records: list[RoundRecord] = []
         self.first_round = 1
         self.last_arrays: ArrayRecord | None = None
@@ -91,12 +96,20 @@ class RoundRecorder:
         now = time.perf_counter()
         wall = now - self._t_last
         traffic = self.grid.take_round()
+        reason = ""
         if server_round > 0 and traffic.replies - traffic.errors < self.min_replies:
-            raise RoundFailedError(
+            reason = (
                 f"round {server_round}: {traffic.replies - traffic.errors} successful "
                 f"train replies of {traffic.sent} sent, fewer than min_replies="
                 f"{self.min_replies}. Errors: {traffic.error_reasons}"
             )
+        if isinstance(self.strategy, AgentStrategy) and server_round > 0:
+            reason = self.strategy.info.failed or reason
+        if reason:
+            self.failed_in_a_row += 1
+            log.warning("round %d failed (global model kept): %s", server_round, reason)
+        elif server_round > 0:
+            self.failed_in_a_row = 0
         model = build_model(
             self.model_name, self.test_set.input_shape, self.test_set.num_classes
         )
@@ -140,6 +153,8 @@ class RoundRecorder:
             else round(traffic.sim_time_s, 4),
             epsilon_max=eps_max,
             epsilon_mean=eps_mean,
+            failed=bool(reason),
+            failure_reason=reason,
             extra=client_eval,
         )
         self.records.append(rec)
@@ -159,19 +174,28 @@ class RoundRecorder:
             )
         )
         self._t_last = time.perf_counter()
-        reason = self.should_stop()
-        if reason is not None and server_round > 0:
-            raise StopRun(server_round, arrays, reason)
+        if reason and self.failed_in_a_row >= self.max_failed_rounds:
+            raise RoundFailedError(
+                f"{self.failed_in_a_row} round(s) in a row failed "
+                f"(max_failed_rounds={self.max_failed_rounds}); last: {reason}"
+            )
+        stop = self.should_stop()
+        if stop is not None and server_round > 0:
+            raise StopRun(server_round, arrays, stop)
         return MetricRecord({"accuracy": acc, "loss": rec.loss})
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         """Return the results so far (checkpoint part ``results``)."""
-        return {"records": [asdict(r) for r in self.records]}
+        return {
+            "records": [asdict(r) for r in self.records],
+            "failed_in_a_row": self.failed_in_a_row,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the results so far; the next round is the first of this process."""
         self.records = [RoundRecord(**r) for r in state["records"]]
+        self.failed_in_a_row = int(state.get("failed_in_a_row", 0))
         self.first_round = self.records[-1].round + 1 if self.records else 1
 
 

@@ -26,16 +26,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from agent_strategy import DeterministicPolicy, Limits
+from agent_strategy import DeterministicPolicy, Limits, ReputationParams
+from fl_client.attacks import malicious_partitions
 from fl_client.task import build_model, split_for
 from orchestration.config import RunConfig
 from orchestration.session import RunSession, resume_dir
 
+from .attack_report import detection_scores
 from .baselines import build_baseline
 from .client_features import ClientFeatures
 from .device_grid import DeviceSimulator
 from .metering import MeteredGrid
-from .policy_setup import PolicySetup, open_policy
+from .policy_setup import PolicySetup, detection_params, open_policy
 from .privacy import with_client_dp
 from .results import RoundRecorder, StopRun
 from .resume import RoundOffset, offset_evaluate
@@ -114,14 +116,17 @@ def build_strategy(
         weight_trust=p.weight_trust,
         max_staleness=p.max_staleness,
         max_flag_share=p.max_flag_share,
+        rules=cfg.defense.allowed_rules(),
     )
     if setup is None:
         det = DeterministicPolicy(
             seed=cfg.seed,
             exploration=p.exploration,
             duration_quantile=p.duration_quantile,
+            detection=detection_params(cfg),
         )
         setup = PolicySetup(det, det)
+    d = cfg.defense
     return AgentStrategy(
         setup.policy,
         clients_per_round=cfg.clients_per_round,
@@ -132,8 +137,15 @@ def build_strategy(
         fallback=setup.fallback,
         decision_log=run_dir / "decisions.jsonl",
         telemetry=setup.telemetry,
-        roll_call_timeout_s=min(120.0, cfg.round_timeout_s),
+        roll_call_timeout_s=cfg.round_timeout_s,
         features=ClientFeatures.from_config(cfg),
+        reputation=ReputationParams(
+            exclude_after=d.exclude_after, probation_rounds=d.probation_rounds
+        )
+        if d.enabled
+        else None,
+        trim_beta=cfg.strategy.trim_beta,
+        krum_byzantine=cfg.strategy.krum_byzantine,
     )
 
 
@@ -141,6 +153,25 @@ def _deadline(cfg: RunConfig) -> float:
     """Return the devices' deadline when simulated and set, else the policy's."""
     d = cfg.devices
     return d.deadline_s if d.enabled and d.deadline_s > 0 else cfg.policy.deadline_s
+
+
+def attack_summary(cfg: RunConfig, strategy: Strategy) -> dict[str, object] | None:
+    """Return the run's attack (who attacked) and, for the agent, detection scores."""
+    a = cfg.attack
+    if a.kind == "none":
+        return None
+    bad = [f"c{p}" for p in malicious_partitions(cfg.num_clients, a.fraction, cfg.seed)]
+    out: dict[str, object] = {
+        "kind": a.kind,
+        "fraction": a.fraction,
+        "start_round": a.start_round,
+        "scale": a.scale,
+        "noise_std": a.noise_std,
+        "malicious": bad,
+    }
+    if isinstance(strategy, AgentStrategy):
+        out["detection"] = detection_scores(strategy.history, bad, a.start_round)
+    return out
 
 
 def run_server(grid: Grid, cfg: RunConfig) -> dict[str, object]:
@@ -191,6 +222,7 @@ def _run_server(
         min_replies=cfg.min_replies,
         should_stop=session.should_stop,
         llm_cost=session.llm_cost,
+        max_failed_rounds=cfg.max_failed_rounds,
     )
     session.wire(recorder)
     done, initial = session.begin(initial)
@@ -215,7 +247,11 @@ def _run_server(
                 train_config=ConfigRecord(train_config),  # type: ignore[arg-type]
                 evaluate_fn=offset_evaluate(recorder, done),
             )
-            final_arrays = result.arrays if done < cfg.num_rounds else initial
+            final_arrays = (
+                result.arrays
+                if done < cfg.num_rounds and len(result.arrays)
+                else initial  # resumed after the last round, or every round failed
+            )
     except StopRun as stop:
         stopped, final_arrays = stop.reason, stop.arrays
         log.info("%s", stop)
@@ -244,6 +280,8 @@ def _run_server(
         "client_failures": sum(r.failures for r in recorder.records),
         "sim_time_s": final.sim_time_s,
         "client_eval": recorder.client_eval,
+        "failed_rounds": sum(r.failed for r in recorder.records),
+        "attack": attack_summary(cfg, strategy),
         "policy_fallbacks": getattr(strategy, "total_fallbacks", 0),
         "policy": cfg.policy.name if isinstance(strategy, AgentStrategy) else "-",
         "policy_notice": setup.notice if setup is not None else None,

@@ -39,19 +39,16 @@ from agent_strategy import (
     Observation,
     Policy,
     ReplyFeatures,
+    ReputationParams,
     guard,
+    next_state,
 )
 
-from .aggregation import (
-    coordinate_median,
-    cosine_to,
-    flatten_arrays,
-    l2_norms,
-    unflatten_vector,
-    weighted_mean,
-)
+from .aggregation import flatten_arrays, unflatten_vector
 from .client_features import ClientFeatures
+from .combine import combine
 from .devices import Timing
+from .features import update_features
 from .privacy_metrics import record_client_epsilon
 from .validation import InvalidReply, ModelSpec, ValidReply, validate_train_reply
 
@@ -71,7 +68,7 @@ class Telemetry(Protocol):
 
 
 class RoundFailedError(RuntimeError):
-    """Too few usable replies arrived to aggregate a round."""
+    """Too few usable replies (roll call), or too many failed rounds in a row."""
 
 
 @dataclass
@@ -86,12 +83,16 @@ class RoundInfo:
     fallbacks: int = 0
     weights: dict[str, float] = field(default_factory=dict)  # shares applied
     epsilons: dict[str, float] = field(default_factory=dict)  # DP: fl_server.privacy
+    rejected: list[str] = field(default_factory=list)
+    failed: str = ""
+    aggregation: str = "weighted"
 
 
 @dataclass
 class _Client:
     node_id: int
     state: ClientState
+    registered_examples: int = 0
 
 
 class AgentStrategy(Strategy):
@@ -104,7 +105,7 @@ class AgentStrategy(Strategy):
     clients_per_round : int
         Clients the policy is asked to select (``target_clients``).
     min_replies : int
-        A round with fewer accepted replies raises :class:`RoundFailedError`.
+        A round with fewer accepted replies fails (the global model stays).
     limits : Limits
         Hard limits enforced by the guard on every decision.
     local_epochs, lr : int, float
@@ -115,11 +116,22 @@ class AgentStrategy(Strategy):
         A JSONL file receiving one line per round and phase.
     telemetry : Telemetry, optional
         LLM call records for the decision log, and the round history the LLM sees.
-    roll_call_timeout_s : float
-        How long the roll call of new nodes waits for answers. A node that fails it
-        is asked again only after 2, 4, 8, ... (at most 32) rounds.
     features : ClientFeatures, optional
         Upload compression, personal layers, federated evaluation (off by default).
+    reputation : ReputationParams, optional
+        Turns on per-client reputation: rejected or flagged (malicious / faulty)
+        replies lower it and repeated ones exclude the client for a while.
+    trim_beta, krum_byzantine : float, int
+        Parameters of the ``trimmed`` and ``krum`` aggregation rules.
+    roll_call_timeout_s : float
+        How long the roll call of new nodes waits for answers (Ray actors may take
+        minutes to start on a loaded machine; the server app passes
+        ``round_timeout_s``). A node that fails it is asked again only after 2, 4,
+        8, ... (at most 32) rounds.
+
+    A round with fewer than ``min_replies`` usable replies fails: the global model
+    stays, ``info.failed`` gives the reasons (the recorder logs it and stops the run
+    after ``max_failed_rounds`` in a row).
     """
 
     def __init__(
@@ -136,6 +148,9 @@ class AgentStrategy(Strategy):
         telemetry: Telemetry | None = None,
         roll_call_timeout_s: float = 120.0,
         features: ClientFeatures | None = None,
+        reputation: ReputationParams | None = None,
+        trim_beta: float = 0.2,
+        krum_byzantine: int = 2,
     ) -> None:
         if min_replies > clients_per_round:
             raise ValueError("min_replies must be at most clients_per_round")
@@ -152,6 +167,10 @@ class AgentStrategy(Strategy):
         self._roll_call_retry: dict[int, tuple[int, int]] = {}  # node: (fails, round)
         self._sent: dict[str, Message] = {}  # this round's train messages by client
         self.features = features or ClientFeatures()
+        self.reputation = reputation
+        self.trim_beta = trim_beta
+        self.krum_byzantine = krum_byzantine
+        self.history: list[dict[str, Any]] = []
         self.decisions = 0
         self.llm_latencies: list[float] = []
         self.fallback_reasons: dict[str, int] = {}
@@ -316,14 +335,19 @@ class AgentStrategy(Strategy):
                     cid, reply.content, self._spec, self._global
                 )
                 checked = validate_train_reply(
-                    content, self._spec, out=matrix[len(row_of)]
+                    content,
+                    self._spec,
+                    out=matrix[len(row_of)],
+                    max_examples=2 * self.clients[cid].registered_examples or None,
                 )
             except InvalidReply as e:
-                self._fail(cid, f"rejected: {e}")
+                self._fail(cid, f"rejected: {e}", rejected=True)
                 continue
             if checked.partition_id != int(cid[1:]):
                 self._fail(
-                    cid, f"rejected: partition-id {checked.partition_id} != {cid}"
+                    cid,
+                    f"rejected: partition-id {checked.partition_id} != {cid}",
+                    rejected=True,
                 )
                 continue
             if cid in valid:
@@ -335,22 +359,26 @@ class AgentStrategy(Strategy):
         for cid in self.info.selected:
             if cid not in valid and cid not in self.info.failures:
                 self._fail(cid, "no reply before the round timeout")
-        self._require(len(valid), server_round, "replies")
+        if not self._require(len(valid), server_round, "replies"):
+            self._update_states(server_round, valid, set(), set())
+            return None, None
 
         ids = sorted(valid, key=lambda c: int(c[1:]))
         # Rows stay in arrival order; row_of maps a client to its row.
         updates = matrix[: len(row_of)]
         updates -= self._global
-        norms = l2_norms(updates)
-        cosines = cosine_to(updates, coordinate_median(updates))
+        feats = update_features(updates)
         features = tuple(
             ReplyFeatures(
                 id=c,
                 num_examples=valid[c].num_examples,
                 train_loss=valid[c].train_loss,
                 duration_s=valid[c].duration_s,
-                update_norm=float(norms[row_of[c]]),
-                cosine_to_median=float(cosines[row_of[c]]),
+                update_norm=float(feats["update_norm"][row_of[c]]),
+                cosine_to_median=float(feats["cosine_to_median"][row_of[c]]),
+                krum_ratio=float(feats["krum_ratio"][row_of[c]]),
+                distance_rank=int(feats["distance_rank"][row_of[c]]),
+                duplicates=int(feats["duplicates"][row_of[c]]),
             )
             for c in ids
         )
@@ -372,14 +400,24 @@ class AgentStrategy(Strategy):
             self.telemetry.after_aggregate(obs, decision)
         self.info.flagged = {f.id: f"{f.kind}: {f.reason}" for f in decision.flags}
         accepted = [c for c in ids if c in decision.weights]
-        self._require(len(accepted), server_round, "unflagged replies")
+        bad = {f.id for f in decision.flags if f.kind in ("malicious", "faulty")}
+        if not self._require(len(accepted), server_round, "unflagged replies"):
+            self._update_states(server_round, valid, set(), bad)
+            return None, None
         self.info.accepted = accepted
+        self.info.aggregation = decision.aggregation
         rows = [row_of[c] for c in accepted]
         weights = np.array([decision.weights[c] for c in accepted])
         self.info.weights = dict(zip(accepted, weights / weights.sum(), strict=True))
         kept = updates if rows == list(range(len(ids))) else updates[rows]
-        new_global = self._global + weighted_mean(kept, weights)
-        self._update_states(valid, set(accepted), set(self.info.flagged))
+        new_global = self._global + combine(
+            kept,
+            weights,
+            decision.aggregation,
+            trim_beta=self.trim_beta,
+            krum_byzantine=self.krum_byzantine,
+        )
+        self._update_states(server_round, valid, set(accepted), bad)
 
         new_arrays = unflatten_vector(
             new_global, list(self._spec.shapes), list(self._spec.dtypes)
@@ -473,6 +511,7 @@ class AgentStrategy(Strategy):
             self.clients[cid] = _Client(
                 node_id=reply.metadata.src_node_id,
                 state=ClientState(id=cid, num_examples=n),
+                registered_examples=n,
             )
         for nid in sorted(unanswered):
             self._roll_call_failed(
@@ -585,8 +624,10 @@ class AgentStrategy(Strategy):
             stats["llm_latency_p95_s"] = float(np.percentile(lat, 95))
         return stats
 
-    def _fail(self, cid: str, reason: str) -> None:
+    def _fail(self, cid: str, reason: str, rejected: bool = False) -> None:
         self.info.failures[cid] = reason
+        if rejected:
+            self.info.rejected.append(cid)
         self.total_failures += 1
         state = self.clients[cid].state
         self.clients[cid].state = state.model_copy(
@@ -594,18 +635,27 @@ class AgentStrategy(Strategy):
         )
         log.warning("client %s: %s", cid, reason)
 
-    def _require(self, count: int, server_round: int, what: str) -> None:
+    def _require(self, count: int, server_round: int, what: str) -> bool:
+        """Return True if ``count`` suffices; else record the round as failed."""
         if count >= self.min_replies:
-            return
+            return True
         detail = "; ".join(f"{c}: {r}" for c, r in sorted(self.info.failures.items()))
-        raise RoundFailedError(
+        self.info.failed = (
             f"round {server_round}: only {count} usable {what}, fewer than "
-            f"min_replies={self.min_replies}. Failures: {detail or 'none'}"
+            f"min_replies={self.min_replies}; global model kept. Failures: "
+            f"{detail or 'none'}"
         )
+        log.warning("%s", self.info.failed)
+        return False
 
     def _update_states(
-        self, valid: dict[str, ValidReply], accepted: set[str], flagged: set[str]
+        self,
+        server_round: int,
+        valid: dict[str, ValidReply],
+        accepted: set[str],
+        bad: set[str],
     ) -> None:
+        flagged = set(self.info.flagged)
         for cid, reply in valid.items():
             st = self.clients[cid].state
             self.clients[cid].state = st.model_copy(
@@ -617,3 +667,24 @@ class AgentStrategy(Strategy):
                     "times_flagged": st.times_flagged + int(cid in flagged),
                 }
             )
+        if self.reputation is not None:
+            for cid in sorted({*valid, *self.info.rejected}):
+                self.clients[cid].state = next_state(
+                    self.clients[cid].state,
+                    round_=server_round,
+                    bad=cid in bad or cid in self.info.rejected,
+                    params=self.reputation,
+                )
+        self.history.append(
+            {
+                "round": server_round,
+                "replied": sorted({*valid, *self.info.rejected}),
+                "rejected": sorted(self.info.rejected),
+                "flagged": sorted(bad),
+                "excluded": sorted(
+                    c
+                    for c, cl in self.clients.items()
+                    if cl.state.excluded_until > server_round
+                ),
+            }
+        )

@@ -53,14 +53,17 @@ class ValidReply:
 
 
 def validate_train_reply(
-    content: RecordDict, spec: ModelSpec, out: np.ndarray | None = None
+    content: RecordDict,
+    spec: ModelSpec,
+    out: np.ndarray | None = None,
+    max_examples: int | None = None,
 ) -> ValidReply:
     """Return the reply's weights and metrics, or raise :class:`InvalidReply`.
 
-    Checks: exactly one ArrayRecord with the global model's keys, shapes and floating
-    dtypes, all values finite; one MetricRecord with ``num-examples`` (a positive
-    integer), a finite ``train-loss``, a non-negative ``train-duration`` and an integer
-    ``partition-id``.
+    Checks: exactly one ArrayRecord with the global model's keys, shapes and dtypes,
+    all values finite; one MetricRecord with ``num-examples`` (a positive integer, at
+    most ``max_examples`` if given), a finite non-negative ``train-loss``, a
+    non-negative ``train-duration`` and an integer ``partition-id``.
 
     Parameters
     ----------
@@ -72,6 +75,8 @@ def validate_train_reply(
         A float vector of the model's size (a row of the round's update matrix) that
         receives the flattened weights, avoiding a copy per reply; written only when
         every check passes. By default a new float32 vector is returned.
+    max_examples : int, optional
+        The most ``num-examples`` a client may claim.
     """
     if len(content.array_records) != 1:
         raise InvalidReply(f"expected 1 ArrayRecord, got {len(content.array_records)}")
@@ -87,15 +92,15 @@ def validate_train_reply(
             f"array keys differ: missing {sorted(missing)}, extra {sorted(extra)}"
         )
     arrays = []
-    for name, shape in zip(spec.names, spec.shapes, strict=True):
+    for name, shape, dtype in zip(spec.names, spec.shapes, spec.dtypes, strict=True):
         try:
             a = record[name].numpy()
         except Exception as e:  # noqa: BLE001 - any decoding failure rejects the reply
             raise InvalidReply(f"array {name!r} cannot be decoded: {e}") from e
         if a.shape != shape:
             raise InvalidReply(f"array {name!r} has shape {a.shape}, expected {shape}")
-        if not np.issubdtype(a.dtype, np.floating):
-            raise InvalidReply(f"array {name!r} has dtype {a.dtype}, expected float")
+        if a.dtype != dtype:
+            raise InvalidReply(f"array {name!r} has dtype {a.dtype}, expected {dtype}")
         if not np.all(np.isfinite(a)):
             raise InvalidReply(f"array {name!r} has non-finite values")
         arrays.append(a)
@@ -106,8 +111,13 @@ def validate_train_reply(
     n, loss, dur, pid = (metrics[k] for k in REQUIRED_METRICS)
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         raise InvalidReply(f"num-examples must be a positive integer, got {n!r}")
-    if not isinstance(loss, int | float) or not math.isfinite(loss):
-        raise InvalidReply(f"train-loss must be finite, got {loss!r}")
+    if max_examples is not None and n > max_examples:
+        raise InvalidReply(
+            f"num-examples {n} is absurd: more than {max_examples} (twice the "
+            "training-set size the client reported at the roll call)"
+        )
+    if not isinstance(loss, int | float) or not math.isfinite(loss) or loss < 0:
+        raise InvalidReply(f"train-loss must be finite and >= 0, got {loss!r}")
     if not isinstance(dur, int | float) or not math.isfinite(dur) or dur < 0:
         raise InvalidReply(f"train-duration must be >= 0, got {dur!r}")
     if not isinstance(pid, int) or isinstance(pid, bool):

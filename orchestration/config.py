@@ -13,7 +13,14 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DatasetName = Literal["mnist5k", "digits", "mnist", "cifar10"]
 PartitionerName = Literal["iid", "dirichlet", "pathological"]
@@ -27,6 +34,17 @@ RouteTarget = Literal["llm", "deterministic"]
 AutoRouteTarget = Literal["auto", "llm", "deterministic"]
 CodecName = Literal["none", "q8", "q4", "topk", "topk_q8"]
 PersonalMode = Literal["none", "fedper", "ditto"]
+AttackName = Literal[
+    "none",
+    "sign_flip",
+    "scaling",
+    "noise",
+    "label_flip",
+    "free_ride",
+    "stale",
+    "collude",
+]
+AggregationRule = Literal["weighted", "trimmed", "median", "krum"]
 
 
 class ConfigError(ValueError):
@@ -177,6 +195,65 @@ class PersonalizationConfig(_Section):
     eval_every: int = Field(1, ge=1, description="federated evaluation every N rounds")
 
 
+class AttackConfig(_Section):
+    """Simulated adversaries (client side; ``fl_client/attacks.py``). Off by default.
+
+    The malicious partitions are a deterministic function of ``seed`` and
+    ``fraction`` (``fl_client.attacks.malicious_partitions``), recorded in the run's
+    summary so that detection can be scored.
+    """
+
+    kind: AttackName = "none"
+    fraction: float = Field(0.2, ge=0, le=1, description="share of malicious clients")
+    start_round: int = Field(1, ge=1, description="first round the attackers attack")
+    scale: float = Field(
+        4.0, gt=0, le=1e6, description="sign_flip / collude: -scale x update; scaling"
+    )
+    noise_std: float = Field(1.0, gt=0, le=1e6, description="noise: update ~ N(0, s)")
+
+
+class DefenseConfig(_Section):
+    """The agent's adversary detection, reputation and robust aggregation.
+
+    Off by default (existing runs unchanged); ``+experiment=robustness`` turns it on.
+    """
+
+    enabled: bool = Field(False, description="deterministic detectors + reputation")
+    z_threshold: float = Field(
+        3.5, gt=0, description="robust z-score (median/MAD) beyond which a reply is odd"
+    )
+    min_cosine: float = Field(
+        0.0, ge=-1, le=1, description="replies less aligned with the median are flagged"
+    )
+    exclude_after: int = Field(
+        2, ge=1, description="consecutive flags (or rejections) before exclusion"
+    )
+    probation_rounds: int = Field(
+        5, ge=1, description="first exclusion length; doubles on each re-exclusion"
+    )
+    rules: str = Field(
+        "weighted,trimmed,median,krum",
+        description="comma-separated aggregation rules the policy may choose; the "
+        "guard replaces any other choice by the first",
+    )
+
+    @field_validator("rules")
+    @classmethod
+    def _check_rules(cls, v: str) -> str:
+        names = [x.strip() for x in v.split(",") if x.strip()]
+        valid = get_args(AggregationRule)
+        bad = [x for x in names if x not in valid]
+        if not names or bad:
+            raise ValueError(
+                f"defense.rules must list some of {', '.join(valid)}; got {v!r}"
+            )
+        return ",".join(names)
+
+    def allowed_rules(self) -> tuple[str, ...]:
+        """Return the allowed aggregation rules, the default first."""
+        return tuple(self.rules.split(","))
+
+
 class RouteConfig(_Section):
     """Which policy answers each decision type when ``policy.name=llm``.
 
@@ -297,7 +374,10 @@ class RunConfig(_Section):
     num_clients: int = Field(20, ge=2, le=100_000)
     clients_per_round: int = Field(10, ge=1)
     min_replies: int = Field(
-        2, ge=1, description="a round with fewer accepted replies stops the run"
+        2, ge=1, description="a round with fewer accepted replies fails (model kept)"
+    )
+    max_failed_rounds: int = Field(
+        3, ge=1, description="this many failed rounds in a row stop the run"
     )
     round_timeout_s: float = Field(600.0, gt=0)
     output_dir: str = "runs"
@@ -323,6 +403,8 @@ class RunConfig(_Section):
     dp: DPConfig = DPConfig()
     compression: CompressionConfig = CompressionConfig()
     personalization: PersonalizationConfig = PersonalizationConfig()
+    attack: AttackConfig = AttackConfig()
+    defense: DefenseConfig = DefenseConfig()
 
     @model_validator(mode="after")
     def _check_cross_field(self) -> RunConfig:

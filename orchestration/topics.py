@@ -39,6 +39,8 @@ class RoundRecord:
     sim_time_s: float | None = None
     epsilon_max: float | None = None  # DP: cumulative epsilon (max / mean over
     epsilon_mean: float | None = None  # the clients that reported one); else None
+    failed: bool = False  # too few usable replies: the global model was kept
+    failure_reason: str = ""
     extra: dict[str, float] = field(default_factory=dict)  # e.g. client evaluation
 
     def as_dict(self) -> dict[str, Any]:

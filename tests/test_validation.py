@@ -49,6 +49,11 @@ def test_valid_reply_is_flattened() -> None:
         ),
         (_content([np.ones((3, 2), np.float32), np.ones(4, np.float32)]), "shape"),
         (_content([np.ones((2, 3), np.int64), np.ones(4, np.float32)]), "dtype"),
+        (
+            _content([np.ones((2, 3), np.float64), np.ones(4, np.float32)]),
+            "dtype float64, expected float32",
+        ),
+        (_content(**{"train-loss": -0.1}), "train-loss must be finite and >= 0"),
         (_content([np.ones((2, 3), np.float32)]), "keys differ"),
         (_content(**{"num-examples": 0}), "num-examples"),
         (_content(**{"num-examples": -5}), "num-examples"),
@@ -87,3 +92,12 @@ def test_out_row_receives_the_weights_and_is_untouched_on_rejection() -> None:
     np.testing.assert_array_equal(out, np.r_[np.arange(6), np.ones(4)])
     with pytest.raises(ValueError, match="expected"):
         validate_train_reply(_content(), SPEC, out=np.zeros(9, np.float32))
+
+
+def test_absurd_example_counts_are_rejected() -> None:
+    validate_train_reply(_content(**{"num-examples": 20}), SPEC, max_examples=20)
+
+    with pytest.raises(InvalidReply, match="num-examples 10000000 is absurd"):
+        validate_train_reply(
+            _content(**{"num-examples": 10_000_000}), SPEC, max_examples=20
+        )

@@ -48,6 +48,8 @@ CLIENT_COLUMNS = (
     "comm_s",
     "failures",
     "times_flagged",
+    "reputation",
+    "excluded_until",
 )
 REPLY_COLUMNS = (
     "id",
@@ -56,6 +58,8 @@ REPLY_COLUMNS = (
     "duration_s",
     "update_norm",
     "cosine_to_median",
+    "krum_ratio",
+    "duplicates",
 )
 REPLY_HISTORY_COLUMNS = ("rounds_accepted", "failures", "times_flagged")
 
@@ -77,7 +81,8 @@ _AGG_TASK = (
     "Task (phase aggregate): give every replying client a weight >= 0 (weights are "
     "normalised; no client gets more than {share:g} of the total) and flag replies "
     "that are late (duration_s above deadline_s, {deadline:g}), faulty, or malicious "
-    "(cosine_to_median far below the others, or update_norm far above the others). "
+    "(cosine_to_median far below the others or negative, update_norm far above or "
+    "near zero, krum_ratio far above 1, or duplicates > 0). "
     "A flagged client gets weight 0. Give each flag a short reason."
 )
 
@@ -216,7 +221,11 @@ def _user_text(
         "target_clients": obs.target_clients,
         "default_epochs": obs.default_epochs,
         "default_lr": num(obs.default_lr),
-        "limits": {k: num(v) for k, v in obs.limits.model_dump().items()},
+        "limits": {
+            k: num(v)
+            for k, v in obs.limits.model_dump().items()
+            if k != "rules"  # not a number, and LLM answers do not choose a rule
+        },
     }
     if obs.phase == "train":
         rows = _client_rows(obs)

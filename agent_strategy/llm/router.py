@@ -176,6 +176,7 @@ class PolicyRouter:
         return Decision(
             weights={k: v for k, v in weighting.weights.items() if k not in flagged},
             flags=flags,
+            aggregation=weighting.aggregation,
             rationale=rationale[:2000],
             source=weighting.source,
         )

@@ -9,6 +9,7 @@ import pytest
 from agent_strategy import ClientState
 from agent_strategy.llm.prompt import (
     CLIENT_COLUMNS,
+    REPLY_COLUMNS,
     REPLY_HISTORY_COLUMNS,
     PromptTooLarge,
     RoundSummary,
@@ -158,7 +159,7 @@ def test_aggregate_drops_history_columns_then_gives_up() -> None:
     rp = render_prompt(obs, max_prompt_chars=full - 10)
 
     user = _user(rp.messages)
-    assert user["replies"]["columns"][-1] == "cosine_to_median"
+    assert user["replies"]["columns"][-1] == REPLY_COLUMNS[-1]
     assert len(user["replies"]["rows"]) == 5
     with pytest.raises(PromptTooLarge, match="max_prompt_chars"):
         render_prompt(obs, max_prompt_chars=600)

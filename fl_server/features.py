@@ -1,0 +1,64 @@
+"""Server-measured features of a round's updates, as pure functions on the matrix.
+
+The update matrix ``U`` has one row per accepted reply (``new - global``, flattened).
+These features reach the policy through :class:`~agent_strategy.ReplyFeatures`; the
+detectors that turn them into flags are in :mod:`agent_strategy.detection`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .aggregation import coordinate_median, cosine_to, l2_norms
+from .robust import krum_scores
+
+
+def duplicate_counts(updates: np.ndarray, rel_tol: float = 1e-6) -> np.ndarray:
+    """Return, per row, how many other rows are identical to it within ``rel_tol``.
+
+    Two rows ``a``, ``b`` count as identical when ``||a - b|| <= rel_tol *
+    max(||a||, ||b||)`` (so two all-zero updates are identical too). Honest clients
+    training on different data never send identical updates; colluders sending one
+    crafted update, or free-riders returning the global model, do.
+    """
+    u = np.asarray(updates, dtype=np.float64)
+    n = u.shape[0]
+    if n < 2:
+        return np.zeros(n, dtype=int)
+    sq = np.einsum("ij,ij->i", u, u)
+    dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (u @ u.T), 0.0)
+    scale = np.maximum(sq[:, None], sq[None, :])
+    same = dist <= (rel_tol**2) * scale
+    np.fill_diagonal(same, False)
+    return np.asarray(same.sum(axis=1), dtype=int)
+
+
+def krum_ratios(updates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return each row's Krum score over the round's median score, and its rank.
+
+    The score assumes up to ``(n - 3) // 2`` attackers (each row is compared with its
+    ``n - f - 2`` nearest others, about half the round), so it stays meaningful while
+    honest replies are the majority. Rank 1 is the most central row. With fewer than
+    3 rows every ratio is 1 and ranks follow the row order.
+    """
+    n = np.asarray(updates).shape[0]
+    if n < 3:
+        return np.ones(n), np.arange(1, n + 1)
+    scores = krum_scores(updates, max(0, (n - 3) // 2)).astype(np.float64)
+    med = float(np.median(scores))
+    ratios = scores / med if med > 0 else np.where(scores > 0, np.inf, 1.0)
+    ranks = np.empty(n, dtype=int)
+    ranks[np.argsort(scores, kind="stable")] = np.arange(1, n + 1)
+    return np.asarray(np.minimum(ratios, 1e12)), ranks
+
+
+def update_features(updates: np.ndarray) -> dict[str, np.ndarray]:
+    """Return every per-row feature: norm, cosine to the median, Krum, duplicates."""
+    ratios, ranks = krum_ratios(updates)
+    return {
+        "update_norm": l2_norms(updates),
+        "cosine_to_median": cosine_to(updates, coordinate_median(updates)),
+        "krum_ratio": ratios,
+        "distance_rank": ranks,
+        "duplicates": duplicate_counts(updates),
+    }

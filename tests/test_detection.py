@@ -1,0 +1,233 @@
+"""Detectors, update features, reputation and the guard's exclusion, on known data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from support.factories import limits, plain_aggregate_obs, plain_train_obs
+
+from agent_strategy import (
+    ClientState,
+    Decision,
+    DetectionParams,
+    DeterministicPolicy,
+    ReplyFeatures,
+    ReputationParams,
+    detect,
+    guard,
+    is_excluded,
+    next_state,
+)
+from agent_strategy.detection import robust_z
+from fl_server.attack_report import detection_scores
+from fl_server.features import duplicate_counts, krum_ratios, update_features
+
+
+def _reply(
+    cid: str, norm: float = 1.0, cos: float = 0.6, **kw: object
+) -> ReplyFeatures:
+    return ReplyFeatures.model_validate(
+        dict(
+            id=cid,
+            num_examples=100,
+            train_loss=0.5,
+            duration_s=1.0,
+            update_norm=norm,
+            cosine_to_median=cos,
+            **kw,
+        )
+    )
+
+
+def _honest(n: int = 8) -> list[ReplyFeatures]:
+    norms = [0.9, 1.0, 1.1, 1.05, 0.95, 1.2, 0.85, 1.0][:n]
+    cos = [0.6, 0.55, 0.7, 0.65, 0.5, 0.6, 0.58, 0.62][:n]
+    krum = [0.9, 1.0, 1.2, 1.1, 0.8, 1.3, 0.95, 1.0][:n]
+    return [_reply(f"c{i}", norms[i], cos[i], krum_ratio=krum[i]) for i in range(n)]
+
+
+def test_robust_z_known_values() -> None:
+    z = robust_z(np.array([1.0, 2.0, 3.0, 4.0, 100.0]))
+
+    # median 3, MAD 1 -> 0.6745 * (x - 3)
+    np.testing.assert_allclose(z, 0.6745 * np.array([-2, -1, 0, 1, 97]))
+    assert robust_z(np.array([2.0, 2.0, 2.0]))[0] == 0.0
+    z2 = robust_z(np.array([1.0, 1.0, 1.0, 5.0]))  # MAD 0: mean abs deviation
+    assert z2[0] == 0.0 and z2[3] == pytest.approx(0.7979 * 4)
+
+
+def test_honest_round_raises_no_flag() -> None:
+    assert detect(_honest()) == ()
+    # a small honest client pointing elsewhere (one-class data) is not flagged
+    assert detect([*_honest(7), _reply("c9", norm=0.5, cos=-0.1)]) == ()
+
+
+@pytest.mark.parametrize(
+    ("bad", "words"),
+    [
+        (dict(norm=8.0), "robust SDs above"),
+        (dict(norm=0.0, cos=0.0), "little or no work"),
+        (dict(cos=-0.5), "cosine to the coordinate median -0.50"),
+        (dict(cos=-0.1, norm=1.3), "with a norm above the median"),
+        (dict(krum_ratio=50.0), "Krum score 50x"),
+    ],
+)
+def test_each_detector_flags_its_outlier_with_a_reason(
+    bad: dict[str, float], words: str
+) -> None:
+    replies = [*_honest(7), _reply("c9", **bad)]
+
+    flags = detect(replies)
+
+    assert [f.id for f in flags] == ["c9"]
+    assert flags[0].kind == "malicious" and words in flags[0].reason
+
+
+def test_duplicates_are_flagged_first_and_flags_are_ordered_by_severity() -> None:
+    replies = [
+        *_honest(6),
+        _reply("c7", norm=3.0),
+        _reply("c8", duplicates=1),
+        _reply("c9", duplicates=1),
+    ]
+
+    flags = detect(replies)
+
+    assert [f.id for f in flags] == ["c8", "c9", "c7"]
+    assert "identical to 1 other reply" in flags[0].reason
+
+
+def test_few_replies_use_only_absolute_rules() -> None:
+    replies = [_reply("c0", 1.0), _reply("c1", 9.0), _reply("c2", 1.0, cos=-0.2)]
+
+    assert [f.id for f in detect(replies)] == ["c2"]
+
+
+def test_duplicate_counts_and_krum_ratios_on_known_rows() -> None:
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(6, 50))
+    u[4] = u[3]  # collusion
+    u[5] = 30 * rng.normal(size=50)  # far away
+
+    dup = duplicate_counts(u)
+    ratios, ranks = krum_ratios(u)
+
+    assert dup.tolist() == [0, 0, 0, 1, 1, 0]
+    assert duplicate_counts(np.zeros((3, 4))).tolist() == [2, 2, 2]
+    assert ranks[5] == 6 and ratios[5] > 10 * np.median(ratios)
+    assert sorted(ranks.tolist()) == [1, 2, 3, 4, 5, 6]
+    feats = update_features(u)
+    assert set(feats) == {
+        "update_norm",
+        "cosine_to_median",
+        "krum_ratio",
+        "distance_rank",
+        "duplicates",
+    }
+
+
+def test_features_of_a_sign_flip_are_detected_end_to_end() -> None:
+    rng = np.random.default_rng(1)
+    direction = rng.normal(size=200)
+    honest = direction + 0.8 * rng.normal(size=(8, 200))
+    u = np.vstack([honest, -4 * honest[0], -4 * honest[1]])
+    feats = update_features(u)
+    replies = [
+        _reply(
+            f"c{i}",
+            float(feats["update_norm"][i]),
+            float(feats["cosine_to_median"][i]),
+            krum_ratio=float(feats["krum_ratio"][i]),
+            distance_rank=int(feats["distance_rank"][i]),
+        )
+        for i in range(10)
+    ]
+
+    assert sorted(f.id for f in detect(replies)) == ["c8", "c9"]
+
+
+def test_reputation_excludes_after_repeated_flags_and_readmits_on_probation() -> None:
+    p = ReputationParams(exclude_after=2, probation_rounds=3)
+    s = ClientState(id="c1")
+
+    s = next_state(s, round_=1, bad=True, params=p)
+    assert s.reputation == 0.5 and not is_excluded(s, 2)
+    s = next_state(s, round_=2, bad=True, params=p)
+    assert s.excluded_until == 5 and is_excluded(s, 3) and is_excluded(s, 5)
+    assert not is_excluded(s, 6)  # readmitted after the probation period
+    s = next_state(s, round_=6, bad=True, params=p)  # one more flag: out again
+    assert s.times_excluded == 2 and s.excluded_until == 6 + 6
+    good = next_state(s, round_=13, bad=False, params=p)
+    assert good.consecutive_flags == 0 and good.reputation > s.reputation
+    assert next_state(good, round_=14, bad=True, params=p).excluded_until == 12
+
+
+def test_guard_never_selects_excluded_clients_unless_short() -> None:
+    clients = tuple(
+        ClientState(id=f"c{i}", num_examples=100, excluded_until=9 if i < 2 else 0)
+        for i in range(5)
+    )
+    obs = plain_train_obs(clients=clients, target=3, round_=4)
+
+    g = guard(Decision(selected=("c0", "c2", "c3")), obs)
+    assert "c0" not in g.decision.selected
+    assert any("c0: excluded until round 9" in c for c in g.changes)
+
+    short = plain_train_obs(
+        clients=clients[:3], target=3, round_=4, limits=limits(min_clients=3)
+    )
+    g2 = guard(Decision(selected=("c2",)), short)
+    assert sorted(g2.decision.selected) == ["c0", "c1", "c2"]
+
+
+def test_deterministic_policy_skips_excluded_and_flags_with_detection() -> None:
+    clients = tuple(
+        ClientState(id=f"c{i}", num_examples=100, excluded_until=9 if i == 0 else 0)
+        for i in range(6)
+    )
+    policy = DeterministicPolicy(detection=DetectionParams())
+    train = policy.decide(plain_train_obs(clients=clients, target=5, round_=3))
+    assert "c0" not in train.selected
+
+    obs = plain_aggregate_obs([*_honest(7), _reply("c7", norm=20.0)])
+    agg = policy.decide(obs)
+    assert [f.id for f in agg.flags] == ["c7"] and "c7" not in agg.weights
+    assert agg.aggregation == "weighted"
+    assert DeterministicPolicy().decide(obs).flags == ()  # detection off by default
+
+
+def test_guard_bounds_the_aggregation_rule() -> None:
+    obs = plain_aggregate_obs(_honest(4), limits=limits(rules=("median", "weighted")))
+
+    g = guard(Decision(weights={"c0": 1.0}, aggregation="krum"), obs)
+
+    assert g.decision.aggregation == "median"
+    assert any("aggregation 'krum' not allowed" in c for c in g.changes)
+
+
+def test_detection_scores_count_replies_and_excluded_clients() -> None:
+    history = [
+        {
+            "round": 1,
+            "replied": ["c0", "c1", "c2"],
+            "flagged": ["c0"],
+            "rejected": [],
+            "excluded": [],
+        },
+        {
+            "round": 2,
+            "replied": ["c0", "c1", "c3"],
+            "flagged": ["c1"],
+            "rejected": ["c0"],
+            "excluded": ["c0"],
+        },
+    ]
+
+    s = detection_scores(history, ["c0", "c3"])
+
+    assert s["replies"] == {"tp": 2, "fp": 1, "fn": 1, "tn": 2}
+    assert s["precision"] == pytest.approx(2 / 3) and s["recall"] == pytest.approx(
+        2 / 3
+    )
+    assert s["clients_excluded"] == ["c0"] and s["client_recall"] == 0.5
+    assert detection_scores(history, ["c0"], start_round=2)["replies"]["tp"] == 1
