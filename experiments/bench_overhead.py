@@ -299,6 +299,9 @@ def run_one(variant: str, seed: int, rounds: int, runs_dir: str) -> dict[str, An
             "num_rounds": rounds,
             "strategy.name": strategy,
             "policy.name": "deterministic",
+            # Checkpoints cost both strategies the same (experiments/results/
+            # checkpoint.md); off, so that they do not pad the denominator.
+            "checkpoint.enabled": False,
             "output_dir": runs_dir,
             "run_name": f"{variant}-s{seed}",
         }
@@ -441,8 +444,9 @@ def render(summary: dict[str, Any], seeds: list[int], rounds: int) -> str:
         "`configure_train` to leaving the centralized evaluation) minus the time "
         "inside `MeteredGrid.send_and_receive` for TRAIN (and the agent's round-1 "
         "QUERY) messages, i.e. the strategy's `configure_train` + `aggregate_train`, "
-        "the centralized evaluation (same code and test set for both) and Flower's "
-        "round loop. Medians in milliseconds over rounds 2.."
+        "the centralized evaluation (same code and test set for both), the hub's "
+        "round report to its subscribers (results file, monitor; checkpoints off "
+        "for both) and Flower's round loop. Medians in milliseconds over rounds 2.."
         f"{rounds} of every seed ({len(seeds) * (rounds - 1)} rounds per strategy).",
         "",
         "| strategy | " + " | ".join(label for _, label in COLUMNS) + " |",

@@ -227,7 +227,8 @@ class SecAggStrategy(LegacyStrategy):
         for cid in agent.info.selected:
             if cid not in reported and cid not in agent.info.failures:
                 agent._fail(cid, "dropped out of the SecAgg+ protocol")
-        agent._require(len(reported), server_round, "SecAgg+ contributions")
+        if not agent._require(len(reported), server_round, "SecAgg+ contributions"):
+            return None, {}  # round recorded as failed; the global model is kept
         if len(digests) != 1:
             raise RuntimeError(
                 f"round {server_round}: {len(digests)} distinct payloads reached the "

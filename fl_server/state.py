@@ -47,6 +47,10 @@ class StrategyState:
         pending = s.restore_arrays
         return {
             "clients": {cid: c.state.model_dump() for cid, c in s.clients.items()},
+            "registered_examples": {
+                cid: c.registered_examples for cid, c in s.clients.items()
+            },
+            "history": list(s.history),
             "decisions": s.decisions,
             "llm_latencies": list(s.llm_latencies),
             "fallback_reasons": dict(s.fallback_reasons),
@@ -63,10 +67,16 @@ class StrategyState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the state; clients wait for the roll call to get a node."""
         s = self.strategy
+        registered = state.get("registered_examples", {})
         s.clients = {
-            cid: _Client(node_id=-1, state=ClientState.model_validate(st))
+            cid: _Client(
+                node_id=-1,
+                state=ClientState.model_validate(st),
+                registered_examples=int(registered.get(cid, 0)),
+            )
             for cid, st in state["clients"].items()
         }
+        s.history = list(state.get("history", []))
         s.decisions = int(state["decisions"])
         s.llm_latencies = list(state["llm_latencies"])
         s.fallback_reasons = dict(state["fallback_reasons"])

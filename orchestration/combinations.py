@@ -36,6 +36,20 @@ def _resume_needs_server_side_state(cfg: RunConfig) -> None:
             "resume does not compose with secagg.enabled=true: the SecAgg+ workflow "
             "runs its own round loop, which cannot start at a checkpoint's round"
         )
+    lost = []
+    if cfg.compression.codec in ("topk", "topk_q8") and cfg.compression.error_feedback:
+        lost.append("compression error feedback (the residuals)")
+    if cfg.personalization.mode != "none":
+        lost.append(f"personalization.mode={cfg.personalization.mode!r} (the models)")
+    if cfg.attack.kind == "stale":
+        lost.append("attack.kind='stale' (the replayed model)")
+    if lost:
+        raise ValueError(
+            "resume does not compose with " + " or ".join(lost) + ": that client "
+            "state lives in the clients' context.state, which a restarted "
+            "simulation does not have, so the resumed run would not equal an "
+            "uninterrupted one"
+        )
     if cfg.dp.mode != "none":
         raise ValueError(
             f"resume does not compose with dp.mode={cfg.dp.mode!r}: the privacy "

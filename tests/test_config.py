@@ -106,6 +106,9 @@ def test_hydra_bad_value_is_a_config_error() -> None:
         ({"secagg.enabled": True, "clients_per_round": 5}, "SecAgg"),
         ({"dp.mode": "sample"}, "under-report epsilon"),
         ({"dp.mode": "client"}, "under-report epsilon"),
+        ({"compression.codec": "topk"}, "the residuals"),
+        ({"personalization.mode": "ditto"}, "the models"),
+        ({"attack.kind": "stale"}, "the replayed model"),
     ],
 )
 def test_resume_is_refused_where_state_lives_outside_the_checkpoint(
