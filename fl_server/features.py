@@ -13,24 +13,37 @@ from .aggregation import coordinate_median, cosine_to, l2_norms
 from .robust import krum_scores
 
 
-def duplicate_counts(updates: np.ndarray, rel_tol: float = 1e-6) -> np.ndarray:
+def duplicate_counts(
+    updates: np.ndarray, rel_tol: float = 1e-6, norms: np.ndarray | None = None
+) -> np.ndarray:
     """Return, per row, how many other rows are identical to it within ``rel_tol``.
 
     Two rows ``a``, ``b`` count as identical when ``||a - b|| <= rel_tol *
     max(||a||, ||b||)`` (so two all-zero updates are identical too). Honest clients
     training on different data never send identical updates; colluders sending one
-    crafted update, or free-riders returning the global model, do.
+    crafted update, or free-riders returning the global model, do. ``norms`` (the
+    rows' L2 norms, if already computed) saves one pass over the matrix.
     """
-    u = np.asarray(updates, dtype=np.float64)
+    u = np.asarray(updates)
     n = u.shape[0]
+    counts = np.zeros(n, dtype=int)
     if n < 2:
-        return np.zeros(n, dtype=int)
-    sq = np.einsum("ij,ij->i", u, u)
-    dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (u @ u.T), 0.0)
-    scale = np.maximum(sq[:, None], sq[None, :])
-    same = dist <= (rel_tol**2) * scale
-    np.fill_diagonal(same, False)
-    return np.asarray(same.sum(axis=1), dtype=int)
+        return counts
+    # | ||a|| - ||b|| | <= ||a - b||: only pairs whose norms agree within the
+    # tolerance can be identical, and honest rounds have none, so the exact
+    # distances are computed for candidate pairs only (no n x n x d work).
+    if norms is None:
+        norms = l2_norms(u)
+    for i in range(n):
+        for j in range(i + 1, n):
+            scale = max(norms[i], norms[j])
+            if abs(norms[i] - norms[j]) > rel_tol * scale:
+                continue
+            diff = np.linalg.norm(u[i].astype(np.float64) - u[j].astype(np.float64))
+            if diff <= rel_tol * scale:
+                counts[i] += 1
+                counts[j] += 1
+    return counts
 
 
 def krum_ratios(updates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -55,10 +68,11 @@ def krum_ratios(updates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def update_features(updates: np.ndarray) -> dict[str, np.ndarray]:
     """Return every per-row feature: norm, cosine to the median, Krum, duplicates."""
     ratios, ranks = krum_ratios(updates)
+    norms = l2_norms(updates)
     return {
-        "update_norm": l2_norms(updates),
+        "update_norm": norms,
         "cosine_to_median": cosine_to(updates, coordinate_median(updates)),
         "krum_ratio": ratios,
         "distance_rank": ranks,
-        "duplicates": duplicate_counts(updates),
+        "duplicates": duplicate_counts(updates, norms=norms),
     }

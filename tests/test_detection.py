@@ -231,3 +231,13 @@ def test_detection_scores_count_replies_and_excluded_clients() -> None:
     )
     assert s["clients_excluded"] == ["c0"] and s["client_recall"] == 0.5
     assert detection_scores(history, ["c0"], start_round=2)["replies"]["tp"] == 1
+
+
+def test_duplicates_within_tolerance_are_found_and_near_ones_are_not() -> None:
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=1000)
+    u = np.stack([base, base * (1 + 1e-8), base * (1 + 1e-4), rng.normal(size=1000)])
+
+    assert duplicate_counts(u).tolist() == [1, 1, 0, 0]
+    # Precomputed norms give the same answer.
+    assert duplicate_counts(u, norms=np.linalg.norm(u, axis=1)).tolist() == [1, 1, 0, 0]
