@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,11 @@ from collections.abc import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 from support.openai_stub import OpenAIStub  # noqa: E402
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the session's FLWR_HOME (Flower's apps, logs and runs live there)."""
+    shutil.rmtree(_FLWR_HOME, ignore_errors=True)
 
 
 @pytest.fixture
