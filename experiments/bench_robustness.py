@@ -23,19 +23,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
+
+from orchestration.config import AttackName
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
-ATTACKS = (
-    "sign_flip",
-    "scaling",
-    "noise",
-    "label_flip",
-    "free_ride",
-    "stale",
-    "collude",
-)
+ATTACKS = tuple(a for a in get_args(AttackName) if a != "none")
 STRATEGIES = ("agent", "fedavg", "fedtrimmedavg", "multikrum", "fedmedian")
 FLOWER = STRATEGIES[1:]
 # Per-attack knobs: the sign flip and collusion send -4x an update, "large scaling"

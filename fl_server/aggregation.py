@@ -110,9 +110,15 @@ def l2_norms(updates: np.ndarray) -> np.ndarray:
     return np.asarray(np.linalg.norm(updates, axis=1))
 
 
-def cosine_to(updates: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    """Return each row's cosine similarity to ``centre`` (0 where a norm is 0)."""
-    denom = l2_norms(updates) * float(np.linalg.norm(centre))
+def cosine_to(
+    updates: np.ndarray, centre: np.ndarray, norms: np.ndarray | None = None
+) -> np.ndarray:
+    """Return each row's cosine similarity to ``centre`` (0 where a norm is 0).
+
+    ``norms`` are the rows' L2 norms if the caller has them (one pass less).
+    """
+    row_norms = l2_norms(updates) if norms is None else norms
+    denom = row_norms * float(np.linalg.norm(centre))
     dots = updates @ centre
     with np.errstate(invalid="ignore", divide="ignore"):
         cos = np.where(denom > 0, dots / np.where(denom > 0, denom, 1.0), 0.0)

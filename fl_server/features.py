@@ -71,7 +71,7 @@ def update_features(updates: np.ndarray) -> dict[str, np.ndarray]:
     norms = l2_norms(updates)
     return {
         "update_norm": norms,
-        "cosine_to_median": cosine_to(updates, coordinate_median(updates)),
+        "cosine_to_median": cosine_to(updates, coordinate_median(updates), norms),
         "krum_ratio": ratios,
         "distance_rank": ranks,
         "duplicates": duplicate_counts(updates, norms=norms),

@@ -51,6 +51,8 @@ def test_norms_and_cosines() -> None:
     assert l2_norms(u) == pytest.approx([5.0, 5.0, 0.0])
     assert cosine_to(u, np.array([3.0, 4.0])) == pytest.approx([1.0, -1.0, 0.0])
     assert cosine_to(u, np.zeros(2)) == pytest.approx([0.0, 0.0, 0.0])
+    norms = np.linalg.norm(u, axis=1)
+    assert cosine_to(u, np.array([3.0, 4.0]), norms) == pytest.approx([1.0, -1.0, 0.0])
 
 
 def test_flatten_unflatten_roundtrip() -> None:
