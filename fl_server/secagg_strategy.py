@@ -55,7 +55,7 @@ from flwr.supercore.differential_privacy import (
     compute_stdv,
 )
 
-from agent_strategy import Observation, ReplyFeatures
+from agent_strategy import ReplyFeatures
 from fl_client.secagg import NAMES_KEY, USED_WEIGHT_KEY, WEIGHT_KEY
 
 from .aggregation import flatten_arrays, l2_norms, unflatten_vector
@@ -324,24 +324,6 @@ class SecAggStrategy(LegacyStrategy):
             {n: Array(np.asarray(a)) for n, a in zip(self.names, nds, strict=True)}
         )
 
-    def _obs(
-        self, server_round: int, features: tuple[ReplyFeatures, ...]
-    ) -> Observation:
-        agent = self.agent
-        return Observation(
-            phase="aggregate",
-            round=server_round,
-            num_rounds=max(agent._num_rounds, server_round),
-            target_clients=max(len(features), 1),
-            default_epochs=agent.local_epochs,
-            default_lr=agent.lr,
-            limits=agent.limits.model_copy(update={"min_clients": agent.min_replies}),
-            clients=tuple(agent.clients[f.id].state for f in features),
-            replies=features,
-            plan=PLAN_NOTE,
-            last_accuracy=agent._last_accuracy,
-        )
-
     def _preweights(self, server_round: int, selected: list[str]) -> dict[str, int]:
         """Ask the policy for weights from what the selected clients reported."""
         feats = []
@@ -357,7 +339,11 @@ class SecAggStrategy(LegacyStrategy):
                     cosine_to_median=1.0,
                 )
             )
-        decision = self.agent._decide(self._obs(server_round, tuple(feats)))
+        decision = self.agent._decide(
+            self.agent.aggregate_observation(
+                server_round, tuple(feats), {"plan": PLAN_NOTE}
+            )
+        )
         shares = {cid: decision.weights.get(cid, 0.0) for cid in selected}
         if sum(shares.values()) <= 0:
             shares = {cid: 1.0 for cid in selected}
@@ -417,7 +403,9 @@ class SecAggStrategy(LegacyStrategy):
 
     def _detect(self, server_round: int, features: tuple[ReplyFeatures, ...]) -> None:
         """Flag from reported metrics (they steer later rounds, not this sum)."""
-        obs = self._obs(server_round, features)
+        obs = self.agent.aggregate_observation(
+            server_round, features, {"plan": PLAN_NOTE}
+        )
         decision = self.agent._decide(obs)
         if self.agent.telemetry is not None:
             self.agent.telemetry.after_aggregate(obs, decision)

@@ -382,19 +382,7 @@ class AgentStrategy(Strategy):
             )
             for c in ids
         )
-        obs = Observation(
-            phase="aggregate",
-            round=server_round,
-            num_rounds=max(self._num_rounds, server_round),
-            target_clients=max(len(ids), 1),
-            default_epochs=self.local_epochs,
-            default_lr=self.lr,
-            limits=self.limits.model_copy(update={"min_clients": self.min_replies}),
-            clients=tuple(self.clients[c].state for c in ids),
-            replies=features,
-            last_accuracy=self._last_accuracy,
-            **self.plan,
-        )
+        obs = self.aggregate_observation(server_round, features)
         decision = self._decide(obs)
         if self.telemetry is not None:
             self.telemetry.after_aggregate(obs, decision)
@@ -443,6 +431,30 @@ class AgentStrategy(Strategy):
             }
         )
         return arrays, metrics
+
+    def aggregate_observation(
+        self,
+        server_round: int,
+        replies: tuple[ReplyFeatures, ...],
+        plan: Mapping[str, Any] | None = None,
+    ) -> Observation:
+        """Return the aggregate-phase observation of ``replies`` (ordered by id).
+
+        ``plan`` replaces the planner's fields (the SecAgg+ adapter's own note).
+        """
+        return Observation(
+            phase="aggregate",
+            round=server_round,
+            num_rounds=max(self._num_rounds, server_round),
+            target_clients=max(len(replies), 1),
+            default_epochs=self.local_epochs,
+            default_lr=self.lr,
+            limits=self.limits.model_copy(update={"min_clients": self.min_replies}),
+            clients=tuple(self.clients[f.id].state for f in replies),
+            replies=replies,
+            last_accuracy=self._last_accuracy,
+            **(self.plan if plan is None else plan),
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
