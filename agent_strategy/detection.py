@@ -98,6 +98,11 @@ def detect(
     n = len(replies)
     if n == 0:
         return ()
+    if any(r.cosine_to_median is None or r.krum_ratio is None for r in replies):
+        raise ValueError(
+            "detection needs the update geometry (cosine_to_median, krum_ratio); "
+            "the strategy did not measure it"
+        )
     thr = params.z_threshold
     norms = np.array([r.update_norm for r in replies])
     cos = np.array([r.cosine_to_median for r in replies])
@@ -125,18 +130,16 @@ def detect(
                 f"the round's median {med_norm:.3g} (little or no work)"
             )
             severity = max(severity, thr + 1.0)
-        reversed_big = (
-            r.cosine_to_median < params.min_cosine and r.update_norm >= med_norm
-        )
-        strong = r.cosine_to_median < params.min_cosine - params.strong_reversal
+        reversed_big = cos[i] < params.min_cosine and r.update_norm >= med_norm
+        strong = cos[i] < params.min_cosine - params.strong_reversal
         if reversed_big or strong:
             reasons.append(
-                f"cosine to the coordinate median {r.cosine_to_median:.2f} < "
+                f"cosine to the coordinate median {cos[i]:.2f} < "
                 f"{params.min_cosine:.2f} (the round's median {med_cos:.2f}"
                 f"{', z ' + format(z_cos[i], '.1f') if use_z else ''})"
                 + ("" if strong else " with a norm above the median")
             )
-            gap = params.min_cosine - r.cosine_to_median
+            gap = params.min_cosine - cos[i]
             severity = max(severity, thr + 10 * gap)
         if z_krum[i] > params.krum_factor * thr:
             reasons.append(
@@ -145,7 +148,7 @@ def detect(
                 f"{r.distance_rank}/{n})"
             )
             severity = max(severity, z_krum[i])
-        if r.duplicates > 0:
+        if r.duplicates:
             reasons.append(
                 f"update identical to {r.duplicates} other repl"
                 f"{'y' if r.duplicates == 1 else 'ies'} (collusion or copying)"

@@ -78,16 +78,21 @@ class ReplyFeatures(_Frozen):
     train_loss: float
     duration_s: float = Field(ge=0)
     update_norm: float = Field(ge=0, description="L2 norm of (new - global)")
-    cosine_to_median: float = Field(
-        ge=-1.0, le=1.0, description="cosine of the update to the coordinate median"
+    cosine_to_median: float | None = Field(
+        ge=-1.0,
+        le=1.0,
+        description="cosine of the update to the coordinate median; None: not "
+        "measured (no policy of the run uses it)",
     )
-    krum_ratio: float = Field(
-        1.0, ge=0, description="Krum score / the round's median Krum score"
+    krum_ratio: float | None = Field(
+        1.0,
+        ge=0,
+        description="Krum score / the round's median Krum score; None: not measured",
     )
-    distance_rank: int = Field(
+    distance_rank: int | None = Field(
         1, ge=1, description="1 = most central update (lowest Krum score)"
     )
-    duplicates: int = Field(
+    duplicates: int | None = Field(
         0, ge=0, description="other replies of this round with an identical update"
     )
 

@@ -46,18 +46,21 @@ def duplicate_counts(
     return counts
 
 
-def krum_ratios(updates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def krum_ratios(
+    updates: np.ndarray, sq_norms: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Return each row's Krum score over the round's median score, and its rank.
 
     The score assumes up to ``(n - 3) // 2`` attackers (each row is compared with its
     ``n - f - 2`` nearest others, about half the round), so it stays meaningful while
     honest replies are the majority. Rank 1 is the most central row. With fewer than
-    3 rows every ratio is 1 and ranks follow the row order.
+    3 rows every ratio is 1 and ranks follow the row order. ``sq_norms`` are the
+    rows' squared L2 norms, if already computed.
     """
     n = np.asarray(updates).shape[0]
     if n < 3:
         return np.ones(n), np.arange(1, n + 1)
-    scores = krum_scores(updates, max(0, (n - 3) // 2)).astype(np.float64)
+    scores = krum_scores(updates, max(0, (n - 3) // 2), sq_norms).astype(np.float64)
     med = float(np.median(scores))
     ratios = scores / med if med > 0 else np.where(scores > 0, np.inf, 1.0)
     ranks = np.empty(n, dtype=int)
@@ -65,14 +68,30 @@ def krum_ratios(updates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(np.minimum(ratios, 1e12)), ranks
 
 
-def update_features(updates: np.ndarray) -> dict[str, np.ndarray]:
-    """Return every per-row feature: norm, cosine to the median, Krum, duplicates."""
-    ratios, ranks = krum_ratios(updates)
-    norms = l2_norms(updates)
+def update_features(
+    updates: np.ndarray, geometry: bool = True
+) -> dict[str, np.ndarray]:
+    """Return every per-row feature: norm, cosine to the median, Krum, duplicates.
+
+    With ``geometry=False`` only ``update_norm`` is computed (one pass): the
+    median, Krum's pairwise distances and the duplicate check are the costly part,
+    and a run whose policies never read them (the deterministic policy without
+    defense) skips them.
+
+    One pass computes the rows' squared norms, shared by the norms, the cosines,
+    Krum's distances and the duplicate check; the coordinate median comes from a
+    sorting network pruned to the middle rows (:func:`coordinate_median`).
+    """
+    u = np.asarray(updates)
+    sq = np.einsum("ij,ij->i", u, u) if u.ndim == 2 else l2_norms(u) ** 2
+    norms = np.sqrt(np.asarray(sq, dtype=np.float64))
+    if not geometry:
+        return {"update_norm": norms}
+    ratios, ranks = krum_ratios(u, sq)
     return {
         "update_norm": norms,
-        "cosine_to_median": cosine_to(updates, coordinate_median(updates), norms),
+        "cosine_to_median": cosine_to(u, coordinate_median(u), norms),
         "krum_ratio": ratios,
         "distance_rank": ranks,
-        "duplicates": duplicate_counts(updates, norms=norms),
+        "duplicates": duplicate_counts(u, norms=norms),
     }

@@ -17,7 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def pairwise_sq_distances(updates: np.ndarray) -> np.ndarray:
+def pairwise_sq_distances(
+    updates: np.ndarray, sq_norms: np.ndarray | None = None
+) -> np.ndarray:
     """Return the ``(n, n)`` matrix of squared L2 distances between rows.
 
     Uses ``||x - y||^2 = ||x||^2 + ||y||^2 - 2 x.y`` with one Gram matrix, so it is
@@ -30,6 +32,8 @@ def pairwise_sq_distances(updates: np.ndarray) -> np.ndarray:
     updates : np.ndarray
         Shape ``(n, d)``; floating dtypes are used as they are (no copy), others are
         converted to float64.
+    sq_norms : np.ndarray, optional
+        The rows' squared L2 norms, if the caller has them (one pass less).
 
     Returns
     -------
@@ -41,14 +45,16 @@ def pairwise_sq_distances(updates: np.ndarray) -> np.ndarray:
         u = u.astype(np.float64)
     if u.ndim != 2:
         raise ValueError(f"updates must be 2-D (n, d), got shape {u.shape}")
-    sq = np.einsum("ij,ij->i", u, u)
+    sq = np.einsum("ij,ij->i", u, u) if sq_norms is None else np.asarray(sq_norms)
     dist = sq[:, None] + sq[None, :] - 2.0 * (u @ u.T)
     np.maximum(dist, 0.0, out=dist)
     np.fill_diagonal(dist, 0.0)
     return np.asarray(dist)
 
 
-def krum_scores(updates: np.ndarray, num_malicious: int) -> np.ndarray:
+def krum_scores(
+    updates: np.ndarray, num_malicious: int, sq_norms: np.ndarray | None = None
+) -> np.ndarray:
     """Return each row's Krum score.
 
     The score of row ``i`` is the sum of its squared distances to its
@@ -60,6 +66,8 @@ def krum_scores(updates: np.ndarray, num_malicious: int) -> np.ndarray:
         Shape ``(n, d)``, ``n >= 2``.
     num_malicious : int
         ``f``, the number of attackers assumed, ``>= 0``.
+    sq_norms : np.ndarray, optional
+        The rows' squared L2 norms, if the caller has them.
     """
     n = np.asarray(updates).shape[0]
     if n < 2:
@@ -67,7 +75,7 @@ def krum_scores(updates: np.ndarray, num_malicious: int) -> np.ndarray:
     if num_malicious < 0:
         raise ValueError(f"num_malicious must be >= 0, got {num_malicious}")
     closest = min(max(1, n - num_malicious - 2), n - 1)
-    dist = pairwise_sq_distances(updates)
+    dist = pairwise_sq_distances(updates, sq_norms)
     np.fill_diagonal(dist, np.inf)  # a row is not its own neighbour
     nearest = np.partition(dist, closest - 1, axis=1)[:, :closest]
     return np.asarray(nearest.sum(axis=1))

@@ -146,7 +146,19 @@ def build_strategy(
         else None,
         trim_beta=cfg.strategy.trim_beta,
         krum_byzantine=cfg.strategy.krum_byzantine,
+        update_geometry=uses_update_geometry(setup.policy),
     )
+
+
+def uses_update_geometry(policy: object) -> bool:
+    """Return whether ``policy`` reads the replies' cosine, Krum and duplicates.
+
+    The deterministic policy does only with its detectors (``defense.enabled``);
+    every other policy (an LLM, a router) is shown them, so they are measured.
+    """
+    if isinstance(policy, DeterministicPolicy):
+        return policy.detection is not None
+    return True
 
 
 def _deadline(cfg: RunConfig) -> float:

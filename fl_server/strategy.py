@@ -123,6 +123,12 @@ class AgentStrategy(Strategy):
         replies lower it and repeated ones exclude the client for a while.
     trim_beta, krum_byzantine : float, int
         Parameters of the ``trimmed`` and ``krum`` aggregation rules.
+    update_geometry : bool
+        Measure each reply's cosine to the coordinate median, Krum ratio and rank,
+        and duplicates (:func:`fl_server.features.update_features`). Off, those
+        features are ``None`` and only the norm is measured: for policies that never
+        read them (the deterministic policy without defense), as they cost more
+        server time than the rest of the round's strategy code.
     roll_call_timeout_s : float
         How long the roll call of new nodes waits for answers (Ray actors may take
         minutes to start on a loaded machine; the server app passes
@@ -151,6 +157,7 @@ class AgentStrategy(Strategy):
         reputation: ReputationParams | None = None,
         trim_beta: float = 0.2,
         krum_byzantine: int = 2,
+        update_geometry: bool = True,
     ) -> None:
         if min_replies > clients_per_round:
             raise ValueError("min_replies must be at most clients_per_round")
@@ -170,6 +177,7 @@ class AgentStrategy(Strategy):
         self.reputation = reputation
         self.trim_beta = trim_beta
         self.krum_byzantine = krum_byzantine
+        self.update_geometry = update_geometry
         self.history: list[dict[str, Any]] = []
         self.decisions = 0
         self.llm_latencies: list[float] = []
@@ -367,7 +375,11 @@ class AgentStrategy(Strategy):
         # Rows stay in arrival order; row_of maps a client to its row.
         updates = matrix[: len(row_of)]
         updates -= self._global
-        feats = update_features(updates)
+        feats = update_features(updates, geometry=self.update_geometry)
+
+        def geo(name: str, c: str) -> Any:
+            return feats[name][row_of[c]].item() if name in feats else None
+
         features = tuple(
             ReplyFeatures(
                 id=c,
@@ -375,10 +387,10 @@ class AgentStrategy(Strategy):
                 train_loss=valid[c].train_loss,
                 duration_s=valid[c].duration_s,
                 update_norm=float(feats["update_norm"][row_of[c]]),
-                cosine_to_median=float(feats["cosine_to_median"][row_of[c]]),
-                krum_ratio=float(feats["krum_ratio"][row_of[c]]),
-                distance_rank=int(feats["distance_rank"][row_of[c]]),
-                duplicates=int(feats["duplicates"][row_of[c]]),
+                cosine_to_median=geo("cosine_to_median", c),
+                krum_ratio=geo("krum_ratio", c),
+                distance_rank=geo("distance_rank", c),
+                duplicates=geo("duplicates", c),
             )
             for c in ids
         )

@@ -11,6 +11,7 @@ from fl_server.aggregation import (
     flatten_arrays,
     l2_norms,
     sort_columns,
+    sorting_network,
     trimmed_mean,
     unflatten_vector,
     weighted_mean,
@@ -91,3 +92,33 @@ def test_sort_columns_equals_numpy_sort_with_ties(rows: int, dtype: type) -> Non
     np.testing.assert_array_equal(out, np.sort(u, axis=0))
     if rows:
         np.testing.assert_array_equal(coordinate_median(u), np.median(u, axis=0))
+
+
+@pytest.mark.parametrize("rows", range(1, NETWORK_MAX_ROWS + 1))
+def test_sorting_network_sorts_every_zero_one_input(rows: int) -> None:
+    # The 0-1 principle: a comparator network sorts every input iff it sorts
+    # every 0/1 input. All 2**rows of them, one column each.
+    cols = np.arange(2**rows)
+    wires = [((cols >> i) & 1).astype(np.int8) for i in range(rows)]
+    expected = np.sort(np.stack(wires), axis=0)
+    full = [w.copy() for w in wires]
+    for i, j in sorting_network(rows):
+        assert 0 <= i < j < rows
+        full[i], full[j] = np.minimum(full[i], full[j]), np.maximum(full[i], full[j])
+    np.testing.assert_array_equal(np.stack(full), expected)
+    mid = rows // 2
+    middle = (mid,) if rows % 2 else (mid - 1, mid)
+    pruned = sorting_network(rows, middle)
+    assert len(pruned) <= len(sorting_network(rows))
+    part = [w.copy() for w in wires]
+    for i, j in pruned:
+        part[i], part[j] = np.minimum(part[i], part[j]), np.maximum(part[i], part[j])
+    for k in middle:
+        np.testing.assert_array_equal(part[k], expected[k])
+
+
+def test_sorting_network_is_smaller_than_transposition() -> None:
+    assert len(sorting_network(10)) == 32  # vs 45 for odd-even transposition
+    assert len(sorting_network(10, (4, 5))) < 32
+    with pytest.raises(ValueError, match="n must be"):
+        sorting_network(-1)

@@ -116,7 +116,14 @@ class RoundSummary:
             flagged=len({f.id for f in decision.flags}),
             mean_train_loss=float(np.mean(losses)) if losses else None,
             mean_update_norm=float(np.mean(norms)) if norms else None,
-            min_cosine=min((r.cosine_to_median for r in obs.replies), default=None),
+            min_cosine=min(
+                (
+                    r.cosine_to_median
+                    for r in obs.replies
+                    if r.cosine_to_median is not None
+                ),
+                default=None,
+            ),
             llm_used=int(decision.source == "llm"),
         )
 
