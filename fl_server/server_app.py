@@ -269,6 +269,8 @@ def _run_server(
         log.info("%s", stop)
     finally:
         orchestration = session.close()
+        if isinstance(strategy, AgentStrategy):
+            strategy.close()
     rounds_done = sum(1 for r in recorder.records if r.round > 0)
     if rounds_done != cfg.num_rounds and stopped is None:
         raise RuntimeError(

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 import numpy as np
 from flwr.app import (
@@ -169,6 +170,7 @@ class AgentStrategy(Strategy):
         self.local_epochs = local_epochs
         self.lr = lr
         self.decision_log = decision_log
+        self._log_fh: TextIO | None = None
         self.telemetry = telemetry
         self.roll_call_timeout_s = roll_call_timeout_s
         self._roll_call_retry: dict[int, tuple[int, int]] = {}  # node: (fails, round)
@@ -627,9 +629,21 @@ class AgentStrategy(Strategy):
                     )
                     if k in call
                 }
-            with self.decision_log.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(entry) + "\n")
+            if self._log_fh is None:
+                # One handle for the run (opening the file costs more than the
+                # write); every line is flushed, so a killed run keeps its
+                # decisions for the resume's replay.
+                self._log_fh = self.decision_log.open("a", encoding="utf-8")
+                weakref.finalize(self, self._log_fh.close)
+            self._log_fh.write(json.dumps(entry) + "\n")
+            self._log_fh.flush()
         return decision
+
+    def close(self) -> None:
+        """Close the decision log (reopened on the next decision, if any)."""
+        if self._log_fh is not None:
+            self._log_fh.close()
+            self._log_fh = None
 
     def policy_stats(self) -> dict[str, Any]:
         """Return decision counts, the fallback rate and LLM latency percentiles."""

@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.common.constant import SType
 
 from .aggregation import flatten_arrays
 
@@ -19,11 +20,20 @@ class InvalidReply(ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Names, shapes and dtypes of the global model's arrays."""
+    """Names, shapes and dtypes of the global model's arrays.
+
+    ``headers`` are the ``.npy`` headers Flower's :class:`~flwr.app.Array` writes for
+    each array (``np.save`` of a C-ordered array of that shape and dtype): a reply's
+    array whose serialized bytes start with the same header and hold exactly the
+    right number of bytes after it is read in place (``np.frombuffer``) instead of
+    through ``np.load``, which parses the header again for every array of every
+    reply. Any other array takes Flower's own ``Array.numpy()``.
+    """
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[np.dtype, ...]
+    headers: tuple[bytes, ...] = ()
 
     @property
     def size(self) -> int:
@@ -34,11 +44,45 @@ class ModelSpec:
     def of(cls, arrays: ArrayRecord) -> ModelSpec:
         """Describe an ``ArrayRecord``."""
         nds = {k: v.numpy() for k, v in arrays.items()}
+        headers = []
+        for name, a in nds.items():
+            data = arrays[name].data
+            header = data[: len(data) - a.nbytes]
+            # Only a C-ordered array's bytes are its buffer as is.
+            ok = (
+                arrays[name].stype == SType.NUMPY
+                and b"'fortran_order': False" in header
+            )
+            headers.append(header if ok else b"")
         return cls(
             names=tuple(nds),
             shapes=tuple(a.shape for a in nds.values()),
             dtypes=tuple(a.dtype for a in nds.values()),
+            headers=tuple(headers),
         )
+
+    def decode(self, index: int, array: Array) -> np.ndarray:
+        """Return ``array`` (the reply's array at ``index``) as a NumPy array.
+
+        In place (a read-only view of its bytes) when its header is the expected
+        one, else Flower's ``Array.numpy()``; a decoding failure raises
+        :class:`InvalidReply`. Shape and dtype are checked by the caller.
+        """
+        header = self.headers[index] if index < len(self.headers) else b""
+        data = array.data
+        if header and array.stype == SType.NUMPY and data.startswith(header):
+            shape, dtype = self.shapes[index], self.dtypes[index]
+            count = int(np.prod(shape))
+            if len(data) == len(header) + count * dtype.itemsize:
+                return np.frombuffer(
+                    data, dtype=dtype, count=count, offset=len(header)
+                ).reshape(shape)
+        try:
+            return array.numpy()
+        except Exception as e:  # noqa: BLE001 - any decoding failure rejects the reply
+            raise InvalidReply(
+                f"array {self.names[index]!r} cannot be decoded: {e}"
+            ) from e
 
 
 @dataclass(frozen=True)
@@ -92,11 +136,10 @@ def validate_train_reply(
             f"array keys differ: missing {sorted(missing)}, extra {sorted(extra)}"
         )
     arrays = []
-    for name, shape, dtype in zip(spec.names, spec.shapes, spec.dtypes, strict=True):
-        try:
-            a = record[name].numpy()
-        except Exception as e:  # noqa: BLE001 - any decoding failure rejects the reply
-            raise InvalidReply(f"array {name!r} cannot be decoded: {e}") from e
+    for i, (name, shape, dtype) in enumerate(
+        zip(spec.names, spec.shapes, spec.dtypes, strict=True)
+    ):
+        a = spec.decode(i, record[name])
         if a.shape != shape:
             raise InvalidReply(f"array {name!r} has shape {a.shape}, expected {shape}")
         if a.dtype != dtype:

@@ -101,3 +101,48 @@ def test_absurd_example_counts_are_rejected() -> None:
         validate_train_reply(
             _content(**{"num-examples": 10_000_000}), SPEC, max_examples=20
         )
+
+
+def test_spec_headers_are_flowers_npy_headers() -> None:
+    assert len(SPEC.headers) == 2
+    for header, array in zip(SPEC.headers, GLOBAL.values(), strict=True):
+        assert header.startswith(b"\x93NUMPY")
+        assert len(array.data) == len(header) + array.numpy().nbytes
+
+
+def test_in_place_decoding_equals_flowers_numpy() -> None:
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(size=(2, 3)).astype(np.float32), np.arange(4, dtype="f4")]
+    record = ArrayRecord(arrays)
+    for i, array in enumerate(record.values()):
+        fast = SPEC.decode(i, array)
+        assert not fast.flags.writeable  # a view of the message's bytes
+        np.testing.assert_array_equal(fast, array.numpy())
+        assert fast.dtype == array.numpy().dtype and fast.shape == arrays[i].shape
+    r = validate_train_reply(_content(arrays), SPEC)
+    np.testing.assert_array_equal(r.vector, np.concatenate([a.ravel() for a in arrays]))
+
+
+def test_other_layouts_take_flowers_path_and_are_checked() -> None:
+    fortran = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))
+    r = validate_train_reply(_content([fortran, np.ones(4, np.float32)]), SPEC)
+    np.testing.assert_array_equal(r.vector[:6], fortran.ravel())  # C order values
+
+    record = ArrayRecord([np.ones((2, 3), np.float32), np.ones(4, np.float32)])
+    first = next(iter(record.values()))
+    first.data = first.data[:-4]  # right header, a value missing
+    content = RecordDict(
+        {
+            "arrays": record,
+            "metrics": MetricRecord(
+                {
+                    "num-examples": 10,
+                    "train-loss": 0.5,
+                    "train-duration": 1.0,
+                    "partition-id": 3,
+                }
+            ),
+        }
+    )
+    with pytest.raises(InvalidReply, match="cannot be decoded"):
+        validate_train_reply(content, SPEC)
