@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import statistics
 import sys
@@ -62,6 +63,11 @@ class RoundTimes:
     client_s: float = 0.0
     client_in_configure_s: float = 0.0
     other_sar_s: float = 0.0
+    # Thread CPU time of the server thread (time.thread_time): insensitive to the
+    # machine's load, unlike the wall times above.
+    cpu_start: float = 0.0
+    cpu_end: float = 0.0
+    cpu_client_s: float = 0.0
     parts: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     @property
@@ -73,6 +79,11 @@ class RoundTimes:
     def server_s(self) -> float:
         """Round wall time minus time spent waiting for clients."""
         return self.wall_s - self.client_s
+
+    @property
+    def server_cpu_s(self) -> float:
+        """Server-thread CPU time of the round minus that spent sending to clients."""
+        return self.cpu_end - self.cpu_start - self.cpu_client_s
 
     @property
     def strategy_s(self) -> float:
@@ -94,7 +105,7 @@ class Clock:
 
     def begin(self, server_round: int) -> RoundTimes:
         """Open round ``server_round`` now."""
-        rt = RoundTimes(start=time.perf_counter())
+        rt = RoundTimes(start=time.perf_counter(), cpu_start=time.thread_time())
         self.rounds[server_round] = rt
         self.current = rt
         return rt
@@ -158,7 +169,7 @@ def _send_and_receive(fn: Callable[..., Any]) -> Callable[..., Any]:
             m.metadata.message_type in (MessageType.TRAIN, MessageType.QUERY)
             for m in msgs
         )
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return fn(self, msgs, *args, **kwargs)
         finally:
@@ -166,6 +177,7 @@ def _send_and_receive(fn: Callable[..., Any]) -> Callable[..., Any]:
             rt = CLOCK.current
             if rt is not None:
                 if client:
+                    rt.cpu_client_s += time.thread_time() - c0
                     rt.client_s += dt
                     if CLOCK.in_configure:
                         rt.client_in_configure_s += dt
@@ -187,6 +199,7 @@ def _evaluate(fn: Callable[..., Any]) -> Callable[..., Any]:
             if server_round > 0 and rt is not None:
                 rt.evaluate_s += t1 - t0
                 rt.end = t1
+                rt.cpu_end = time.thread_time()
 
     return wrapper
 
@@ -327,6 +340,7 @@ def run_one(variant: str, seed: int, rounds: int, runs_dir: str) -> dict[str, An
             "wall_s": rt.wall_s,
             "client_s": rt.client_s,
             "server_s": rt.server_s,
+            "server_cpu_s": rt.server_cpu_s,
             "strategy_s": rt.strategy_s,
             "configure_s": rt.configure_s - rt.client_in_configure_s,
             "aggregate_s": rt.aggregate_s,
@@ -351,6 +365,7 @@ def run_one(variant: str, seed: int, rounds: int, runs_dir: str) -> dict[str, An
 # ------------------------------------------------------------------------ report
 COLUMNS = (
     ("server_s", "server ms (wall - clients)"),
+    ("server_cpu_s", "server thread CPU ms (- clients)"),
     ("strategy_s", "configure + aggregate ms"),
     ("configure_s", "configure_train ms"),
     ("aggregate_s", "aggregate_train ms"),
@@ -364,7 +379,10 @@ COLUMNS = (
 def median_of(runs: list[dict[str, Any]], key: str, first: int = 2) -> float:
     """Median of ``key`` over rounds ``>= first`` of every run."""
     return statistics.median(
-        row[key] for run in runs for row in run["rounds"] if row["round"] >= first
+        row.get(key, math.nan)  # NaN: a column an older report did not have
+        for run in runs
+        for row in run["rounds"]
+        if row["round"] >= first
     )
 
 
@@ -493,6 +511,16 @@ def render(summary: dict[str, Any], seeds: list[int], rounds: int) -> str:
         f"{1e3 * summary['server_pooled_eval_s']['agent']:.1f} ms, FedAvg "
         f"{1e3 * summary['server_pooled_eval_s']['fedavg']:.1f} ms).",
     ]
+    cpu = summary["ratios"]["agent"].get("server_cpu_s")
+    if cpu is not None and cpu == cpu:  # not NaN (reports from before the column)
+        lines += [
+            "",
+            f"Server-thread CPU time per round (`time.thread_time`, the same span "
+            f"minus the CPU spent in `send_and_receive` for clients; not inflated by "
+            f"other processes waiting for the cores): agent / FedAvg **{cpu:.3f}** "
+            f"({1e3 * med['agent']['server_cpu_s']:.1f} vs "
+            f"{1e3 * med['fedavg']['server_cpu_s']:.1f} ms).",
+        ]
     if "agent-defense" in summary["ratios"]:
         d_ratio = summary["ratios"]["agent-defense"]["server_s"]
         d_extra = med["agent-defense"]["strategy_s"] - med["fedavg"]["strategy_s"]
