@@ -129,7 +129,10 @@ class SecAggStrategy(LegacyStrategy):
     Parameters
     ----------
     agent : AgentStrategy
-        The brain: policy, guard, client states, round info, decision log.
+        The brain: policy, guard, client states, round info, decision log. Its
+        ``limits.rules`` become ``("weighted",)`` (logged once if they were not): a
+        robust rule needs the individual updates, so the guard turns any other choice
+        into the weighted mean, recorded in the decision log.
     grid : Grid
         Used for the agent's roll call (legacy ``configure_fit`` gets no grid).
     initial : ArrayRecord
@@ -154,6 +157,15 @@ class SecAggStrategy(LegacyStrategy):
         client_dp: ClientDPNoise | None = None,
     ) -> None:
         super().__init__()
+        if agent.limits.rules != ("weighted",):
+            # The masked sum is all the server gets: only the weighted mean applies.
+            log.warning(
+                "SecAgg+: the server sees only the masked sum, so a robust rule "
+                "cannot be applied; aggregation limited to the weighted mean "
+                "(defense.rules %s not used)",
+                ",".join(agent.limits.rules),
+            )
+            agent.limits = agent.limits.model_copy(update={"rules": ("weighted",)})
         self.agent = agent
         self.grid = grid
         self.names = list(initial.keys())

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..types import Allocation, Decision, Flag, Observation
+from ..types import AggregationRule, Allocation, Decision, Flag, Observation
 
 AnswerKind = Literal["parse", "schema", "invalid"]
 MAX_WEIGHT = 1e6
@@ -100,16 +100,27 @@ class TrainAnswer(_Answer):
 
 
 class AggregateAnswer(_Answer):
-    """The aggregate-phase answer: a weight per reply and the flagged clients."""
+    """The aggregate-phase answer: weights, flags and optionally the robust rule.
+
+    ``aggregation`` is one of the rule names (case and surrounding blanks ignored);
+    ``None`` (absent or ``null``) leaves the rule to the fallback policy. Whether the
+    rule is *allowed* (``limits.rules``) is the guard's check, not the parser's.
+    """
 
     weights: list[WeightAnswer]
     flags: list[FlagAnswer] = Field(default_factory=list)
+    aggregation: AggregationRule | None = None
     rationale: str = ""
 
     @field_validator("weights", mode="before")
     @classmethod
     def _weights_map(cls, v: Any) -> Any:
         return _from_map(v, "weight")
+
+    @field_validator("aggregation", mode="before")
+    @classmethod
+    def _rule_name(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
 
 
 # ---------------------------------------------------------------------- schema
@@ -134,6 +145,9 @@ def _flag_schema(ids: list[str] | None) -> dict[str, Any]:
 
 def answer_schema(obs: Observation, ids: list[str] | None = None) -> dict[str, Any]:
     """Return the JSON schema of the answer for ``obs.phase``.
+
+    The aggregate answer has an ``aggregation`` property (one of ``limits.rules``, or
+    ``null``) only when the limits allow more than one rule.
 
     Parameters
     ----------
@@ -188,25 +202,32 @@ def answer_schema(obs: Observation, ids: list[str] | None = None) -> dict[str, A
             "required": ["selected", "allocations", "flags", "rationale"],
             "additionalProperties": False,
         }
+    properties: dict[str, Any] = {
+        "weights": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": _id_schema(ids),
+                    "weight": {"type": "number", "minimum": 0},
+                },
+                "required": ["id", "weight"],
+                "additionalProperties": False,
+            },
+        },
+        "flags": {"type": "array", "items": _flag_schema(ids)},
+    }
+    if len(lim.rules) > 1:
+        # Required but nullable (strict modes require every property): null keeps
+        # the fallback policy's rule. Only the allowed rules are offered.
+        properties["aggregation"] = {
+            "anyOf": [{"type": "string", "enum": list(lim.rules)}, {"type": "null"}]
+        }
+    properties["rationale"] = rationale
     return {
         "type": "object",
-        "properties": {
-            "weights": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "id": _id_schema(ids),
-                        "weight": {"type": "number", "minimum": 0},
-                    },
-                    "required": ["id", "weight"],
-                    "additionalProperties": False,
-                },
-            },
-            "flags": {"type": "array", "items": _flag_schema(ids)},
-            "rationale": rationale,
-        },
-        "required": ["weights", "flags", "rationale"],
+        "properties": properties,
+        "required": list(properties),
         "additionalProperties": False,
     }
 
@@ -349,12 +370,27 @@ def clean_text(text: str, limit: int) -> str:
     return _CONTROL.sub(" ", text).strip()[:limit]
 
 
-def to_decision(answer: TrainAnswer | AggregateAnswer, obs: Observation) -> Decision:
+def to_decision(
+    answer: TrainAnswer | AggregateAnswer,
+    obs: Observation,
+    default_rule: AggregationRule | None = None,
+) -> Decision:
     """Convert a validated answer into a ``Decision(source="llm")``.
 
     Selected clients without an allocation get the observation's defaults; every
     allocation gets ``limits.deadline_s`` and the run's default compression. Text is
     stripped of control characters and cut to the decision's length limits.
+
+    Parameters
+    ----------
+    answer : TrainAnswer or AggregateAnswer
+        A validated answer (:func:`parse_answer`).
+    obs : Observation
+        The observation it answers.
+    default_rule : AggregationRule or None
+        The aggregation rule when an aggregate answer names none (the fallback
+        policy's choice); ``None``: ``limits.rules[0]``. The rationale ends with the
+        rule and where it came from (``llm`` or ``default``).
     """
     flags = tuple(
         Flag(id=f.id, kind=f.kind, reason=clean_text(f.reason, 300) or "llm")
@@ -381,4 +417,15 @@ def to_decision(answer: TrainAnswer | AggregateAnswer, obs: Observation) -> Deci
         )
     flagged = {f.id for f in flags}
     weights = {w.id: float(w.weight) for w in answer.weights if w.id not in flagged}
-    return Decision(weights=weights, flags=flags, rationale=rationale, source="llm")
+    if answer.aggregation is not None:
+        rule, origin = answer.aggregation, "llm"
+    else:
+        rule, origin = default_rule or obs.limits.rules[0], "default"
+    note = f" [rule {rule} ({origin})]"
+    return Decision(
+        weights=weights,
+        flags=flags,
+        aggregation=rule,
+        rationale=rationale[: 2000 - len(note)] + note,
+        source="llm",
+    )

@@ -9,6 +9,12 @@ the reason is kept in :attr:`LLMPolicy.last_call` and counted in
 ``unavailable``, ``budget``, ``prompt``, ``timeout``, ``connection``, ``rate_limit``,
 ``server_error``, ``auth``, ``not_found``, ``bad_request``, ``context_window``,
 ``empty``, ``backend``, ``parse``, ``schema``, ``invalid``, ``guard``.
+
+An answer the guard had to repair is still the LLM's decision (not a fallback): the
+changes are in :attr:`CallRecord.guard_changes` (and the decision log), and
+:attr:`LLMPolicy.corrections` counts them (``guard``: decisions changed,
+``aggregation``: a rule outside ``limits.rules`` replaced by the first allowed one).
+An aggregate answer without a rule gets the fallback policy's rule.
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ from typing import Any
 
 from ..guard import GuardError, guard
 from ..policy import Policy
-from ..types import Decision, Observation
-from .answer import InvalidAnswer, parse_answer, to_decision
+from ..types import AggregationRule, Decision, Observation
+from .answer import AggregateAnswer, InvalidAnswer, parse_answer, to_decision
 from .backend import (
     Backend,
     BackendError,
@@ -159,6 +165,7 @@ class LLMPolicy:
         self.last_call: CallRecord | None = None
         self.calls = 0
         self.fallbacks: Counter[str] = Counter()
+        self.corrections: Counter[str] = Counter()
         self._consecutive_failures = 0
         self.retry_after = retry_after
         self._paused_until: int | None = None
@@ -233,6 +240,7 @@ class LLMPolicy:
         return {
             "calls": self.calls,
             "fallbacks": dict(self.fallbacks),
+            "corrections": dict(self.corrections),
             "unavailable": self.unavailable,
             "budget": self.budget.state_dict(),
         }
@@ -260,13 +268,18 @@ class LLMPolicy:
             completion = self._request(rendered.messages, rendered.schema, state)
             response_text = completion.text
             try:
-                decision = to_decision(parse_answer(completion.text, obs), obs)
+                answer = parse_answer(completion.text, obs)
             except InvalidAnswer as e:
                 raise _Fallback(str(e)) from e
+            default_rule = None
+            if isinstance(answer, AggregateAnswer) and answer.aggregation is None:
+                default_rule = self._default_rule(obs)
+            decision = to_decision(answer, obs, default_rule)
             try:
                 guarded = guard(decision, obs)
             except GuardError as e:
                 raise _Fallback(f"guard: {e}") from e
+            self._count_corrections(obs, decision, guarded.decision, guarded.changes)
             decision, changes = guarded.decision, guarded.changes
         except _Fallback as e:
             reason = e.reason
@@ -332,6 +345,50 @@ class LLMPolicy:
             )
         except BackendError as e:
             raise _Fallback(str(e)) from e
+
+    def _default_rule(self, obs: Observation) -> AggregationRule:
+        """Return the fallback policy's aggregation rule for ``obs``.
+
+        Asked only when the LLM's aggregate answer names no rule; a fallback that
+        raises gives ``limits.rules[0]`` (logged).
+        """
+        try:
+            return self.fallback.decide(obs).aggregation
+        except Exception:  # noqa: BLE001 - the LLM's weights stay usable
+            log.exception(
+                "round %d: fallback policy failed while choosing the aggregation "
+                "rule; using %r",
+                obs.round,
+                obs.limits.rules[0],
+            )
+            return obs.limits.rules[0]
+
+    def _count_corrections(
+        self,
+        obs: Observation,
+        asked: Decision,
+        done: Decision,
+        changes: tuple[str, ...],
+    ) -> None:
+        """Count the guard's corrections of an LLM decision, and log them.
+
+        ``guard`` counts every decision the guard changed; ``aggregation`` the
+        aggregate answers whose rule was not among ``limits.rules`` (the guard used
+        the first allowed rule instead).
+        """
+        if not changes:
+            return
+        self.corrections["guard"] += 1
+        if obs.phase == "aggregate" and asked.aggregation != done.aggregation:
+            self.corrections["aggregation"] += 1
+            log.warning(
+                "round %d aggregate: LLM chose aggregation %r, not allowed (%s); "
+                "guard used %r",
+                obs.round,
+                asked.aggregation,
+                ", ".join(obs.limits.rules),
+                done.aggregation,
+            )
 
     def _fallback(
         self, obs: Observation, reason: str

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..deterministic import utilities
-from ..types import Decision, Observation
+from ..types import AggregationRule, Decision, Observation
 from .answer import answer_schema
 
 _PLAN_CHARS = re.compile(r"[^a-z0-9_-]")
@@ -84,6 +84,18 @@ _AGG_TASK = (
     "(cosine_to_median far below the others or negative, update_norm far above or "
     "near zero, krum_ratio far above 1, or duplicates > 0). "
     "A flagged client gets weight 0. Give each flag a short reason."
+)
+RULE_MEANINGS: dict[AggregationRule, str] = {
+    "weighted": "weighted mean (all replies honest)",
+    "trimmed": "per-coordinate trimmed weighted mean (a few outliers)",
+    "median": "per-coordinate weighted median (more suspects than you may flag)",
+    "krum": "multi-Krum, weighted mean of the most central updates (a few far-off "
+    "updates)",
+}
+"""One line per aggregation rule, shown in the aggregate-phase task."""
+_RULE_TASK = (
+    "aggregation (the rule applied with the weights): {rules}; null = the server's "
+    "default."
 )
 
 
@@ -209,6 +221,10 @@ def _system_text(obs: Observation) -> str:
         )
     else:
         task = _AGG_TASK.format(share=lim.max_weight_share, deadline=lim.deadline_s)
+        if len(lim.rules) > 1:
+            task += " " + _RULE_TASK.format(
+                rules="; ".join(f"{r} = {RULE_MEANINGS[r]}" for r in lim.rules)
+            )
     schema = json.dumps(answer_schema(obs), separators=(",", ":"))
     return f"{_SYSTEM}\n{task}\nSchema: {schema}"
 
@@ -231,7 +247,7 @@ def _user_text(
         "limits": {
             k: num(v)
             for k, v in obs.limits.model_dump().items()
-            if k != "rules"  # not a number, and LLM answers do not choose a rule
+            if k != "rules"  # not a number; the task text lists the allowed rules
         },
     }
     if obs.phase == "train":

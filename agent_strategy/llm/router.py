@@ -7,7 +7,7 @@ type           phase      taken from the routed policy's decision
 =============  =========  =====================================================
 selection      train      ``selected``
 allocation     train      ``allocations`` of the selected clients
-weighting      aggregate  ``weights``
+weighting      aggregate  ``weights`` and ``aggregation`` (the robust rule)
 detection      both       ``flags``: the union over one or more policies
 =============  =========  =====================================================
 
