@@ -105,6 +105,7 @@ class LLMState:
             "budget": m.budget.state_dict(),
             "calls": m.calls,
             "fallbacks": dict(m.fallbacks),
+            "corrections": dict(m.corrections),
             "unavailable": m.unavailable,
             "consecutive_failures": m._consecutive_failures,
             "paused_until": m._paused_until,
@@ -122,6 +123,8 @@ class LLMState:
         m.calls = int(state["calls"])
         m.fallbacks.clear()
         m.fallbacks.update(state["fallbacks"])
+        m.corrections.clear()
+        m.corrections.update(state.get("corrections", {}))
         m.unavailable = state["unavailable"]
         m._consecutive_failures = int(state["consecutive_failures"])
         m._paused_until = state["paused_until"]

@@ -656,6 +656,10 @@ class AgentStrategy(Strategy):
             "fallback_reasons": dict(self.fallback_reasons),
             "llm_calls": len(self.llm_latencies),
         }
+        # The guard's corrections of LLM answers (agent_strategy.llm.policy).
+        corrections = getattr(getattr(self.telemetry, "llm", None), "corrections", None)
+        if corrections is not None:
+            stats["llm_corrections"] = dict(corrections)
         if self.llm_latencies:
             lat = np.array(self.llm_latencies)
             stats["llm_latency_p50_s"] = float(np.percentile(lat, 50))

@@ -231,6 +231,7 @@ def test_llm_state_roundtrip_keeps_history_budget_and_breaker() -> None:
     a.budget.charge(Usage(100, 20), 0.25)
     a.calls, a._consecutive_failures, a._paused_until = 7, 2, 12
     a.fallbacks["timeout"] += 3
+    a.corrections["aggregation"] += 2
 
     b = make()
     LLMState(b).load_state_dict(LLMState(a).state_dict())
@@ -239,3 +240,4 @@ def test_llm_state_roundtrip_keeps_history_budget_and_breaker() -> None:
     assert b.budget.state_dict() == a.budget.state_dict()
     assert (b.calls, b._consecutive_failures, b._paused_until) == (7, 2, 12)
     assert b.fallbacks == a.fallbacks
+    assert b.corrections == {"aggregation": 2}
