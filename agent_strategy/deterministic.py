@@ -21,7 +21,10 @@ the round's measured clients if that is later: the round lasts that long anyway)
 when enough of the round's measured clients are expected to reply by then
 (``limits.min_clients``, at least the server's ``min_replies``); otherwise it gets the
 whole deadline, so a round of clients never timed is not cut off
-(:func:`untimed_deadline`).
+(:func:`untimed_deadline`). To keep that cheap, while ``T`` is below the deadline,
+``limits.min_clients`` slots go to measured clients (by utility) before clients never
+selected fill the rest; with ``T`` equal to the deadline, clients never selected come
+first.
 
 With ``detection`` parameters (``defense.enabled``), excluded clients are not selected,
 the detectors of :mod:`agent_strategy.detection` flag suspicious replies as malicious,
@@ -258,9 +261,11 @@ class DeterministicPolicy:
         # Exploitation, as Oort: candidates are the clients whose utility is at least
         # ``cutoff`` times the k-th best; k of them are drawn without replacement with
         # probability proportional to utility (Gumbel top-k). Unseen clients first,
-        # but ``limits.min_clients`` slots stay with measured clients while there are
-        # enough: the round's replies then do not depend on clients never timed, whose
-        # deadline can be short (see :func:`untimed_deadline`).
+        # but when the preferred round time is below the deadline,
+        # ``limits.min_clients`` slots stay with measured clients (as many as there
+        # are): the round's replies then do not depend on clients never timed, and
+        # their deadline can be short (see :func:`untimed_deadline`).
+        target = preferred_duration(obs, self.duration_quantile)
         util = utilities(
             obs.model_copy(update={"clients": tuple(clients)}), self.duration_quantile
         )
@@ -271,7 +276,8 @@ class DeterministicPolicy:
         measured = sum(
             not hopeless[i] and clients[i].last_duration_s is not None for i in seen
         )
-        reserve = min(obs.limits.min_clients, measured, k)
+        short = target < obs.limits.deadline_s
+        reserve = min(obs.limits.min_clients, measured, k) if short else 0
         picks = unseen[: k - reserve]
         k_seen = k - len(picks)
         if k_seen > 0 and seen:
@@ -285,7 +291,6 @@ class DeterministicPolicy:
         chosen += picks
 
         selected = tuple(clients[i].id for i in chosen)
-        target = preferred_duration(obs, self.duration_quantile)
         allocations = {
             clients[i].id: self._allocation(obs, clients[i], target) for i in chosen
         }

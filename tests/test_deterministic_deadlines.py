@@ -175,3 +175,25 @@ def test_round_two_of_the_straggler_preset_cannot_hinge_on_untimed_clients(
     assert any(cid in {c.id for c in fresh} for cid in d.selected)  # still explores
     if short:
         assert min(short) >= preferred_duration(obs, 0.3)
+
+
+@pytest.mark.parametrize(("quantile", "measured_picked"), [(0.0, 0), (0.3, 5)])
+def test_measured_clients_keep_min_clients_slots_only_when_t_is_short(
+    quantile: float, measured_picked: int
+) -> None:
+    measured = tuple(_timed(f"c{i}", 1.0 + i) for i in range(10))
+    fresh = tuple(ClientState(id=f"c{i}", num_examples=100) for i in range(10, 50))
+    obs = plain_train_obs(
+        round_=2,
+        target=10,
+        clients=measured + fresh,
+        limits=limits(min_clients=5, max_clients=10, deadline_s=15.0),
+    )
+
+    d = DeterministicPolicy(exploration=0.0, duration_quantile=quantile).decide(obs)
+
+    # T = the deadline (quantile 0): unseen clients first, as before; T short: 5
+    # slots stay with measured clients so the unseen may get a short deadline.
+    picked = sum(cid in {c.id for c in measured} for cid in d.selected)
+    assert len(d.selected) == 10
+    assert picked == measured_picked
