@@ -10,8 +10,9 @@ per strategy and seed, and runs it on Flower's simulation engine: the agent
 benchmark can be continued. Writes ``--out`` (default
 ``experiments/results/stragglers.md``, plus ``.json``): per seed, the simulated time
 to ``--target`` accuracy, final accuracy, simulated time of the whole run and mean
-accepted updates per round; then the speed-up (FedAvg's time to target / the
-agent's) and the final-accuracy difference. Plots (accuracy vs round and vs
+accepted updates per round and failed rounds (fewer than ``min_replies``); then the
+speed-up (FedAvg's time to target / the agent's) and the final-accuracy difference per
+seed, and their minimum, median and mean over the seeds. Plots (accuracy vs round and vs
 simulated time) go to ``--plots`` through :mod:`experiments.report`.
 """
 
@@ -70,6 +71,8 @@ def run_stats(rows: list[dict[str, Any]], target: float) -> dict[str, Any]:
         "mean_round_sim_s": times[-1] / max(len(trained), 1),
         "mean_accepted": statistics.fmean(r["accepted"] for r in trained),
         "mean_failures": statistics.fmean(r["failures"] for r in trained),
+        "failed_rounds": sum(bool(r.get("failed")) for r in trained),
+        "rounds": len(trained),
     }
 
 
@@ -111,15 +114,17 @@ def main(argv: list[str] | None = None) -> int:
         f"(partial work: {d.partial_work}); target accuracy {args.target}.",
         "",
         "| strategy | seed | sim time to target s | final acc | best acc | "
-        "sim time s | mean round sim s | accepted / round | failed / round |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "sim time s | rounds | mean round sim s | accepted / round | "
+        "client failures / round | failed rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in per_run:
         lines.append(
             f"| {r['strategy']} | {r['seed']} | {_fmt(r['time_to_target_s'])} | "
             f"{r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | "
-            f"{r['sim_time_s']:.1f} | {r['mean_round_sim_s']:.2f} | "
-            f"{r['mean_accepted']:.2f} | {r['mean_failures']:.2f} |"
+            f"{r['sim_time_s']:.1f} | {r['rounds']} | {r['mean_round_sim_s']:.2f} | "
+            f"{r['mean_accepted']:.2f} | {r['mean_failures']:.2f} | "
+            f"{r['failed_rounds']} |"
         )
     summary: dict[str, Any] = {"speedup_per_seed": {}, "accuracy_diff_per_seed": {}}
     for seed in args.seeds:
@@ -141,6 +146,29 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * (a['final_accuracy'] - f['final_accuracy']):+.2f} points "
             "(target >= -1)."
         )
+    speedups = [x for x in summary["speedup_per_seed"].values() if x is not None]
+    diffs = list(summary["accuracy_diff_per_seed"].values())
+    summary["speedup_min"] = min(speedups) if speedups else None
+    summary["speedup_median"] = statistics.median(speedups) if speedups else None
+    summary["accuracy_diff_mean"] = statistics.fmean(diffs)
+    summary["targets_met_per_seed"] = {
+        seed: (
+            summary["speedup_per_seed"][seed] is not None
+            and summary["speedup_per_seed"][seed] >= 2.0
+            and summary["accuracy_diff_per_seed"][seed] >= -0.01 - 1e-9
+        )
+        for seed in args.seeds
+    }
+    lines += [
+        "",
+        f"Over {len(args.seeds)} seed(s): speed-up min "
+        f"{_fmt(summary['speedup_min'], '.2f')}x, median "
+        f"{_fmt(summary['speedup_median'], '.2f')}x ({len(speedups)} seed(s) where "
+        f"both reached {args.target:.0%}); final accuracy agent - FedAvg mean "
+        f"{100 * summary['accuracy_diff_mean']:+.2f} points; both targets met on "
+        f"{sum(summary['targets_met_per_seed'].values())} of {len(args.seeds)} "
+        "seed(s).",
+    ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
