@@ -9,11 +9,12 @@ per strategy and seed, and runs it on Flower's simulation engine: the agent
 ``summary.json`` already exists under ``--runs-dir`` is reused, not rerun, so a long
 benchmark can be continued. Writes ``--out`` (default
 ``experiments/results/stragglers.md``, plus ``.json``): per seed, the simulated time
-to ``--target`` accuracy, final accuracy, simulated time of the whole run and mean
-accepted updates per round and failed rounds (fewer than ``min_replies``); then the
-speed-up (FedAvg's time to target / the agent's) and the final-accuracy difference per
-seed, and their minimum, median and mean over the seeds. Plots (accuracy vs round and vs
-simulated time) go to ``--plots`` through :mod:`experiments.report`.
+to ``--target`` accuracy, final, best and last-5-round mean accuracy, simulated time
+of the whole run, mean accepted updates per round and failed rounds (fewer than
+``min_replies``); then the speed-up (FedAvg's time to target / the agent's) and the
+final-accuracy difference per seed, and their minimum, median and mean over the
+seeds. Plots (accuracy vs round and vs simulated time) go to ``--plots`` through
+:mod:`experiments.report`.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def run_stats(rows: list[dict[str, Any]], target: float) -> dict[str, Any]:
         "time_to_target_s": time_to_accuracy(times, accs, target),
         "final_accuracy": accs[-1],
         "best_accuracy": max(accs),
+        "last5_accuracy": statistics.fmean(accs[-5:]),
         "sim_time_s": times[-1],
         "mean_round_sim_s": times[-1] / max(len(trained), 1),
         "mean_accepted": statistics.fmean(r["accepted"] for r in trained),
@@ -114,14 +116,16 @@ def main(argv: list[str] | None = None) -> int:
         f"(partial work: {d.partial_work}); target accuracy {args.target}.",
         "",
         "| strategy | seed | sim time to target s | final acc | best acc | "
+        "mean acc, last 5 rounds | "
         "sim time s | rounds | mean round sim s | accepted / round | "
         "client failures / round | failed rounds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in per_run:
         lines.append(
             f"| {r['strategy']} | {r['seed']} | {_fmt(r['time_to_target_s'])} | "
             f"{r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | "
+            f"{r['last5_accuracy']:.4f} | "
             f"{r['sim_time_s']:.1f} | {r['rounds']} | {r['mean_round_sim_s']:.2f} | "
             f"{r['mean_accepted']:.2f} | {r['mean_failures']:.2f} | "
             f"{r['failed_rounds']} |"
