@@ -109,7 +109,18 @@ def main(argv: list[str] | None = None) -> int:
             per_run.append({"strategy": strategy, "seed": seed, **stats})
 
     d = preset_config("agent", args.seeds[0], args.runs_dir, args.rounds).devices
+    command = "python -m experiments.bench_stragglers --seeds " + " ".join(
+        str(x) for x in args.seeds
+    )
+    if args.rounds is not None:
+        command += f" --rounds {args.rounds}"
+    if args.target != 0.9:
+        command += f" --target {args.target}"
     lines = [
+        "# Stragglers: the agent vs FedAvg on simulated devices",
+        "",
+        f"Command: `{command}` (runs under `{args.runs_dir}`; finished runs reused).",
+        "",
         f"Preset `stragglers`: 50 clients, 10 per round, speed sigma {d.speed_sigma}, "
         f"bandwidth median {d.bandwidth_median_mbps} Mbit/s (sigma "
         f"{d.bandwidth_sigma}), dropout {d.dropout}, deadline {d.deadline_s} s "
