@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         command += f" --rounds {args.rounds}"
     if args.target != 0.9:
         command += f" --target {args.target}"
+    for flag, value in (("--out", args.out), ("--plots", args.plots)):
+        if value != ap.get_default(flag[2:]):
+            command += f" {flag} {value}"
     lines = [
         "# Stragglers: the agent vs FedAvg on simulated devices",
         "",
