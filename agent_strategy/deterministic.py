@@ -14,6 +14,18 @@ per-epoch compute and communication (simulated devices), the time of a round at 
 default epochs; ``T`` is the deadline, or a quantile of the clients' expected
 durations when ``duration_quantile`` is set (Oort's preferred round duration).
 
+Deadlines: a measured client gets the run's deadline (its epochs already fit ``T``).
+A client never timed is estimated conservatively: it is not counted on to reply before
+the deadline. It is given a shorter deadline (``T``, or the longest expected time of
+the round's measured clients if that is later: the round lasts that long anyway) only
+when enough of the round's measured clients are expected to reply by then
+(``limits.min_clients``, at least the server's ``min_replies``); otherwise it gets the
+whole deadline, so a round of clients never timed is not cut off
+(:func:`untimed_deadline`). To keep that cheap, while ``T`` is below the deadline,
+``limits.min_clients`` slots go to measured clients (by utility) before clients never
+selected fill the rest; with ``T`` equal to the deadline, clients never selected come
+first.
+
 With ``detection`` parameters (``defense.enabled``), excluded clients are not selected,
 the detectors of :mod:`agent_strategy.detection` flag suspicious replies as malicious,
 weights are examples times reputation, and the aggregation rule is the weighted mean,
@@ -22,6 +34,8 @@ the policy flag.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -95,6 +109,57 @@ def utilities(obs: Observation, quantile: float = 0.0) -> np.ndarray:
     factor = np.where(late, (pref / np.where(late, dur, 1.0)) ** 2, 1.0)
     tried = finite | np.array([c.rounds_selected > 0 for c in cs], dtype=bool)
     return np.where(tried, (norm + bonus) * factor, np.inf)
+
+
+def expected_duration(
+    client: ClientState, epochs: int, default_epochs: int
+) -> float | None:
+    """Return a client's expected round time at ``epochs`` epochs (None: never timed).
+
+    ``comm_s + epoch_s * epochs`` where the server measured both, else the last
+    measured duration scaled by ``epochs / default_epochs``.
+    """
+    if client.epoch_s is not None and client.comm_s is not None:
+        return client.comm_s + client.epoch_s * epochs
+    if client.last_duration_s is not None:
+        return client.last_duration_s * epochs / max(default_epochs, 1)
+    return None
+
+
+def untimed_deadline(
+    expected_s: Sequence[float | None], needed: int, target: float, deadline: float
+) -> float:
+    """Return the deadline of a round's never-timed clients.
+
+    Parameters
+    ----------
+    expected_s : sequence of float or None
+        Expected round time of each selected client at its allocated epochs; None
+        for a client never timed.
+    needed : int
+        Replies the round needs (the policy's ``limits.min_clients``).
+    target : float
+        The preferred round time ``T`` (:func:`preferred_duration`).
+    deadline : float
+        The run's deadline.
+
+    Returns
+    -------
+    float
+        ``deadline`` unless at least ``needed`` measured clients are expected within
+        it; then ``max(T, their longest expected time)``, at most ``deadline``. A
+        client never timed is not counted on to reply early, so a round is never
+        made to depend on one.
+    """
+    if needed < 0 or not target > 0 or not deadline > 0:
+        raise ValueError(
+            f"needed={needed} must be >= 0, target={target} and deadline={deadline} "
+            "must be > 0"
+        )
+    timed = [t for t in expected_s if t is not None and t <= deadline]
+    if len(timed) < needed:
+        return deadline
+    return float(min(deadline, max([target, *timed])))
 
 
 def cannot_meet_deadline(obs: Observation) -> np.ndarray:
@@ -195,7 +260,12 @@ class DeterministicPolicy:
 
         # Exploitation, as Oort: candidates are the clients whose utility is at least
         # ``cutoff`` times the k-th best; k of them are drawn without replacement with
-        # probability proportional to utility (Gumbel top-k). Unseen clients first.
+        # probability proportional to utility (Gumbel top-k). Unseen clients first,
+        # but when the preferred round time is below the deadline,
+        # ``limits.min_clients`` slots stay with measured clients (as many as there
+        # are): the round's replies then do not depend on clients never timed, and
+        # their deadline can be short (see :func:`untimed_deadline`).
+        target = preferred_duration(obs, self.duration_quantile)
         util = utilities(
             obs.model_copy(update={"clients": tuple(clients)}), self.duration_quantile
         )
@@ -203,7 +273,12 @@ class DeterministicPolicy:
         is_seen = np.isfinite(util)
         unseen = sorted((i for i in rest if not is_seen[i]), key=lambda i: tie[i])
         seen = [i for i in rest if is_seen[i]]
-        picks = unseen[:k]
+        measured = sum(
+            not hopeless[i] and clients[i].last_duration_s is not None for i in seen
+        )
+        short = target < obs.limits.deadline_s
+        reserve = min(obs.limits.min_clients, measured, k) if short else 0
+        picks = unseen[: k - reserve]
         k_seen = k - len(picks)
         if k_seen > 0 and seen:
             seen_util = np.maximum(util[seen], 1e-12)
@@ -216,16 +291,37 @@ class DeterministicPolicy:
         chosen += picks
 
         selected = tuple(clients[i].id for i in chosen)
-        target = preferred_duration(obs, self.duration_quantile)
         allocations = {
             clients[i].id: self._allocation(obs, clients[i], target) for i in chosen
         }
+        expected = {
+            clients[i].id: expected_duration(
+                clients[i],
+                allocations[clients[i].id].local_epochs,
+                obs.default_epochs,
+            )
+            for i in chosen
+        }
+        untimed = [cid for cid, t in expected.items() if t is None]
+        late_s = untimed_deadline(
+            list(expected.values()),
+            obs.limits.min_clients,
+            target,
+            obs.limits.deadline_s,
+        )
+        for cid in untimed:
+            allocations[cid] = allocations[cid].model_copy(
+                update={"deadline_s": late_s}
+            )
         return Decision(
             selected=selected,
             allocations=allocations,
             rationale=(
                 f"{n_explore} exploration slots by staleness, "
-                f"{len(selected) - n_explore} by utility (Oort cutoff {self.cutoff:g})"
+                f"{len(selected) - n_explore} by utility "
+                f"(Oort cutoff {self.cutoff:g}); "
+                f"preferred round time {target:.2f}s, "
+                f"{len(untimed)} never-timed client(s) with deadline {late_s:.2f}s"
             ),
             source="deterministic",
         )
@@ -245,10 +341,6 @@ class DeterministicPolicy:
             # Scale local work down so the next round fits the deadline.
             per_epoch = client.last_duration_s / max(epochs, 1)
             epochs = max(obs.limits.min_epochs, int(deadline // per_epoch))
-        elif client.last_duration_s is None:
-            # Never timed: waiting for it past the preferred round time would hold
-            # the whole round, so its own deadline is ``target``.
-            deadline = min(deadline, target)
         return Allocation(
             local_epochs=epochs,
             lr=obs.default_lr,

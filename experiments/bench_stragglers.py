@@ -9,10 +9,12 @@ per strategy and seed, and runs it on Flower's simulation engine: the agent
 ``summary.json`` already exists under ``--runs-dir`` is reused, not rerun, so a long
 benchmark can be continued. Writes ``--out`` (default
 ``experiments/results/stragglers.md``, plus ``.json``): per seed, the simulated time
-to ``--target`` accuracy, final accuracy, simulated time of the whole run and mean
-accepted updates per round; then the speed-up (FedAvg's time to target / the
-agent's) and the final-accuracy difference. Plots (accuracy vs round and vs
-simulated time) go to ``--plots`` through :mod:`experiments.report`.
+to ``--target`` accuracy, final, best and last-5-round mean accuracy, simulated time
+of the whole run, mean accepted updates per round and failed rounds (fewer than
+``min_replies``); then the speed-up (FedAvg's time to target / the agent's) and the
+final-accuracy difference per seed, and their minimum, median and mean over the
+seeds. Plots (accuracy vs round and vs simulated time) go to ``--plots`` through
+:mod:`experiments.report`.
 """
 
 from __future__ import annotations
@@ -66,10 +68,13 @@ def run_stats(rows: list[dict[str, Any]], target: float) -> dict[str, Any]:
         "time_to_target_s": time_to_accuracy(times, accs, target),
         "final_accuracy": accs[-1],
         "best_accuracy": max(accs),
+        "last5_accuracy": statistics.fmean(accs[-5:]),
         "sim_time_s": times[-1],
         "mean_round_sim_s": times[-1] / max(len(trained), 1),
         "mean_accepted": statistics.fmean(r["accepted"] for r in trained),
         "mean_failures": statistics.fmean(r["failures"] for r in trained),
+        "failed_rounds": sum(bool(r.get("failed")) for r in trained),
+        "rounds": len(trained),
     }
 
 
@@ -104,22 +109,40 @@ def main(argv: list[str] | None = None) -> int:
             per_run.append({"strategy": strategy, "seed": seed, **stats})
 
     d = preset_config("agent", args.seeds[0], args.runs_dir, args.rounds).devices
+    command = "python -m experiments.bench_stragglers --seeds " + " ".join(
+        str(x) for x in args.seeds
+    )
+    if args.rounds is not None:
+        command += f" --rounds {args.rounds}"
+    if args.target != 0.9:
+        command += f" --target {args.target}"
+    for flag, value in (("--out", args.out), ("--plots", args.plots)):
+        if value != ap.get_default(flag[2:]):
+            command += f" {flag} {value}"
     lines = [
+        "# Stragglers: the agent vs FedAvg on simulated devices",
+        "",
+        f"Command: `{command}` (runs under `{args.runs_dir}`; finished runs reused).",
+        "",
         f"Preset `stragglers`: 50 clients, 10 per round, speed sigma {d.speed_sigma}, "
         f"bandwidth median {d.bandwidth_median_mbps} Mbit/s (sigma "
         f"{d.bandwidth_sigma}), dropout {d.dropout}, deadline {d.deadline_s} s "
         f"(partial work: {d.partial_work}); target accuracy {args.target}.",
         "",
         "| strategy | seed | sim time to target s | final acc | best acc | "
-        "sim time s | mean round sim s | accepted / round | failed / round |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "mean acc, last 5 rounds | "
+        "sim time s | rounds | mean round sim s | accepted / round | "
+        "client failures / round | failed rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in per_run:
         lines.append(
             f"| {r['strategy']} | {r['seed']} | {_fmt(r['time_to_target_s'])} | "
             f"{r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | "
-            f"{r['sim_time_s']:.1f} | {r['mean_round_sim_s']:.2f} | "
-            f"{r['mean_accepted']:.2f} | {r['mean_failures']:.2f} |"
+            f"{r['last5_accuracy']:.4f} | "
+            f"{r['sim_time_s']:.1f} | {r['rounds']} | {r['mean_round_sim_s']:.2f} | "
+            f"{r['mean_accepted']:.2f} | {r['mean_failures']:.2f} | "
+            f"{r['failed_rounds']} |"
         )
     summary: dict[str, Any] = {"speedup_per_seed": {}, "accuracy_diff_per_seed": {}}
     for seed in args.seeds:
@@ -141,6 +164,29 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * (a['final_accuracy'] - f['final_accuracy']):+.2f} points "
             "(target >= -1)."
         )
+    speedups = [x for x in summary["speedup_per_seed"].values() if x is not None]
+    diffs = list(summary["accuracy_diff_per_seed"].values())
+    summary["speedup_min"] = min(speedups) if speedups else None
+    summary["speedup_median"] = statistics.median(speedups) if speedups else None
+    summary["accuracy_diff_mean"] = statistics.fmean(diffs)
+    summary["targets_met_per_seed"] = {
+        seed: (
+            summary["speedup_per_seed"][seed] is not None
+            and summary["speedup_per_seed"][seed] >= 2.0
+            and summary["accuracy_diff_per_seed"][seed] >= -0.01 - 1e-9
+        )
+        for seed in args.seeds
+    }
+    lines += [
+        "",
+        f"Over {len(args.seeds)} seed(s): speed-up min "
+        f"{_fmt(summary['speedup_min'], '.2f')}x, median "
+        f"{_fmt(summary['speedup_median'], '.2f')}x ({len(speedups)} seed(s) where "
+        f"both reached {args.target:.0%}); final accuracy agent - FedAvg mean "
+        f"{100 * summary['accuracy_diff_mean']:+.2f} points; both targets met on "
+        f"{sum(summary['targets_met_per_seed'].values())} of {len(args.seeds)} "
+        "seed(s).",
+    ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

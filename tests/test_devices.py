@@ -245,7 +245,9 @@ def test_allocation_targets_the_preferred_round_time() -> None:
     }
 
 
-def test_never_timed_clients_get_the_preferred_time_as_their_deadline() -> None:
+def test_never_timed_clients_wait_as_long_as_the_round_when_enough_are_measured() -> (
+    None
+):
     clients = (*(_timed(f"c{i}", 1.0 + i) for i in range(4)), ClientState(id="c4"))
     obs = plain_train_obs(
         round_=2, target=5, clients=clients, limits=limits(deadline_s=100.0)
@@ -254,7 +256,9 @@ def test_never_timed_clients_get_the_preferred_time_as_their_deadline() -> None:
     d = DeterministicPolicy(exploration=0.0, duration_quantile=0.5).decide(obs)
     plain = DeterministicPolicy(exploration=0.0).decide(obs)
 
-    # Expected at 1 epoch: 1.5, 2.5, 3.5, 4.5 s; T = median = 3.0 s.
-    assert d.allocations["c4"].deadline_s == 3.0
+    # Expected at 1 epoch: 1.5, 2.5, 3.5, 4.5 s; T = median = 3.0 s. Four measured
+    # clients >= min_clients (2): c4 waits until the slowest of them (4.5 s), the
+    # time the round lasts anyway, not the whole deadline.
+    assert d.allocations["c4"].deadline_s == 4.5
     assert all(d.allocations[f"c{i}"].deadline_s == 100.0 for i in range(4))
     assert plain.allocations["c4"].deadline_s == 100.0
