@@ -224,7 +224,8 @@ def _user_text(
         "limits": {
             k: num(v)
             for k, v in obs.limits.model_dump().items()
-            if k != "rules"  # not a number, and LLM answers do not choose a rule
+            # not numbers, and LLM answers choose neither a rule nor a codec
+            if k not in ("rules", "codecs")
         },
     }
     if obs.phase == "train":
