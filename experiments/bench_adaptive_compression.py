@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         return next(r for r in runs if r["mode"] == mode and r["seed"] == seed)
 
     lines = [
-        "| codecs | seed | bytes up (30 rounds) | smaller than float32 | final "
-        "accuracy | last 5 rounds | vs float32, points (final / last 5) | codecs "
-        "allocated |",
+        f"| codecs | seed | bytes up ({args.rounds} rounds) | smaller than float32 | "
+        "final accuracy | last 5 rounds | vs float32, points (final / last 5) | "
+        "codecs allocated |",
         "|---|---|---|---|---|---|---|---|",
     ]
     ratios, diffs, diffs5 = [], [], []

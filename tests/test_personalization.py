@@ -166,3 +166,18 @@ def test_fedrep_is_refused_where_it_cannot_work(
 ) -> None:
     with pytest.raises(ConfigError, match=match):
         RunConfig.from_flat({"personalization.mode": "fedrep", **flat})
+
+
+def test_benchmark_reuses_stored_runs_of_the_same_length(tmp_path: Path) -> None:
+    from experiments.bench_personalization import reused_runs
+
+    path = tmp_path / "old.json"
+    run = {"mode": "fedper", "seed": 1, "rounds": 30, "per_round": {"5": 0.8}}
+    path.write_text(json.dumps({"runs": [run]}))
+
+    got = reused_runs(path, 30)
+
+    assert list(got) == [("fedper", 1)]
+    assert got[("fedper", 1)]["per_round"] == {5: 0.8}  # keys back to int rounds
+    with pytest.raises(ValueError, match="has 30 rounds, this benchmark 20"):
+        reused_runs(path, 20)
