@@ -31,6 +31,10 @@ the detectors of :mod:`agent_strategy.detection` flag suspicious replies as mali
 weights are examples times reputation, and the aggregation rule is the weighted mean,
 or the coordinate-wise median when more replies look suspicious than the guard lets
 the policy flag.
+
+When the limits allow codecs besides the run's default (``compression.adaptive``),
+each selected client's upload codec follows its measured bandwidth
+(:func:`bandwidth_codecs`): the slower its link, the stronger the compression.
 """
 
 from __future__ import annotations
@@ -40,10 +44,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from .detection import DetectionParams, detect
+from .guard import allowed_codecs
 from .reputation import is_excluded
 from .types import (
     Allocation,
     ClientState,
+    Compression,
     Decision,
     Flag,
     Observation,
@@ -175,6 +181,64 @@ def cannot_meet_deadline(obs: Observation) -> np.ndarray:
     )
 
 
+# ---------------------------------------------------- bandwidth-aware compression
+def upload_ratio(codec: Compression, topk_fraction: float = 0.01) -> float:
+    """Return the nominal upload size of ``codec`` relative to float32.
+
+    ``q8`` 1/4, ``q4`` 1/8 (scales per tensor neglected); top-k sends a uint32 index
+    and a float32 value per kept entry (``2 * fraction``), ``topk_q8`` an index and
+    an 8-bit code (``1.25 * fraction``).
+    """
+    return {
+        "none": 1.0,
+        "q8": 0.25,
+        "q4": 0.125,
+        "topk": 2.0 * topk_fraction,
+        "topk_q8": 1.25 * topk_fraction,
+    }[codec]
+
+
+def bandwidth_codecs(
+    obs: Observation, topk_fraction: float = 0.01
+) -> dict[str, Compression]:
+    """Return an upload codec per client with measured communication time.
+
+    The allowed codecs (:func:`~agent_strategy.guard.allowed_codecs`: the run's
+    default and ``limits.codecs``) are ranked by :func:`upload_ratio`. A client whose
+    ``comm_s`` is ``s`` times the median ``comm_s`` of the measured clients (its
+    bandwidth ``1 / s`` times the median's; the simulated devices move the dense
+    model down and up, so ``comm_s`` is proportional to ``1 / bandwidth``) gets the
+    weakest codec whose upload takes at most the median client's dense upload,
+    ``s * ratio <= 1``, or the strongest if none does: clients at or above the
+    median bandwidth upload uncompressed (or the weakest allowed codec), slower ones
+    8-bit, 4-bit, then top-k as their bandwidth falls. Clients never measured get
+    no entry (they keep the default). Empty when only the default is allowed or no
+    client was measured.
+    """
+    ladder = sorted(
+        allowed_codecs(obs),
+        key=lambda c: -upload_ratio(c, topk_fraction),
+    )
+    comm = {
+        c.id: c.comm_s for c in obs.clients if c.comm_s is not None and c.comm_s > 0
+    }
+    if len(ladder) < 2 or not comm:
+        return {}
+    median = float(np.median(list(comm.values())))
+    out: dict[str, Compression] = {}
+    for cid, t in comm.items():
+        slowdown = t / median
+        out[cid] = next(
+            (
+                c
+                for c in ladder
+                if slowdown * upload_ratio(c, topk_fraction) <= 1.0 + 1e-9
+            ),
+            ladder[-1],
+        )
+    return out
+
+
 class DeterministicPolicy:
     """Utility-based selection with exploration; weights by examples.
 
@@ -193,6 +257,9 @@ class DeterministicPolicy:
         durations (see :func:`preferred_duration`); 0 uses the deadline.
     detection : DetectionParams, optional
         Turns on adversary detection, reputation weighting and exclusion.
+    topk_fraction : float
+        Top-k's share of entries (``compression.topk_fraction``): ranks the top-k
+        codecs among the others when codecs follow bandwidth (:func:`bandwidth_codecs`).
     """
 
     name = "deterministic"
@@ -204,6 +271,7 @@ class DeterministicPolicy:
         cutoff: float = 0.95,
         duration_quantile: float = 0.0,
         detection: DetectionParams | None = None,
+        topk_fraction: float = 0.01,
     ) -> None:
         if not 0.0 <= exploration <= 1.0:
             raise ValueError(f"exploration must be in [0, 1], got {exploration}")
@@ -213,7 +281,10 @@ class DeterministicPolicy:
             raise ValueError(
                 f"duration_quantile must be in [0, 1), got {duration_quantile}"
             )
+        if not 0.0 < topk_fraction <= 1.0:
+            raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction}")
         self.seed = seed
+        self.topk_fraction = topk_fraction
         self.exploration = exploration
         self.cutoff = cutoff
         self.duration_quantile = duration_quantile
@@ -222,7 +293,7 @@ class DeterministicPolicy:
     def decide(self, obs: Observation) -> Decision:
         """Return a selection and allocation (train) or weights and flags."""
         if obs.phase == "train":
-            return self._train(obs)
+            return self._with_codecs(obs, self._train(obs))
         return self._aggregate(obs)
 
     # ------------------------------------------------------------------ phases
@@ -346,6 +417,33 @@ class DeterministicPolicy:
             lr=obs.default_lr,
             compression=obs.default_compression,
             deadline_s=deadline,
+        )
+
+    # ------------------------------------------------ bandwidth-aware compression
+    def _with_codecs(self, obs: Observation, decision: Decision) -> Decision:
+        """Give each selected client the codec :func:`bandwidth_codecs` picks.
+
+        A no-op unless the limits allow codecs besides the default
+        (``compression.adaptive``): the default run is unchanged.
+        """
+        codecs = bandwidth_codecs(obs, self.topk_fraction)
+        if not codecs:
+            return decision
+        allocations = {
+            cid: (
+                a.model_copy(update={"compression": codecs[cid]})
+                if cid in codecs
+                else a
+            )
+            for cid, a in decision.allocations.items()
+        }
+        used = [a.compression for a in allocations.values()]
+        counts = ", ".join(f"{c} x{used.count(c)}" for c in dict.fromkeys(used))
+        return decision.model_copy(
+            update={
+                "allocations": allocations,
+                "rationale": f"{decision.rationale}; codecs by bandwidth: {counts}",
+            }
         )
 
     def _aggregate(self, obs: Observation) -> Decision:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .reputation import is_excluded
-from .types import Allocation, Decision, Flag, Observation
+from .types import Allocation, Compression, Decision, Flag, Observation
 
 
 class GuardError(ValueError):
@@ -90,7 +90,8 @@ def guard(decision: Decision, obs: Observation) -> Guarded:
     recently selected clients if short); clients left out for more than
     ``limits.max_staleness`` rounds are added, up to half the slots, replacing the
     policy's last picks if needed (no client starves); each selected
-    client has an allocation within the epoch, learning-rate and deadline limits.
+    client has an allocation within the epoch, learning-rate and deadline limits,
+    and an upload codec among :func:`allowed_codecs` (else the run's default).
     Aggregate phase: flags name replying clients only, leave at least
     ``limits.min_clients`` replies accepted and flag at most ``max_flag_share`` of
     them; weights cover exactly the unflagged
@@ -189,7 +190,12 @@ def _guard_train(decision: Decision, obs: Observation) -> Guarded:
                 deadline_s=lim.deadline_s,
             )
         fixed = _clamp_allocation(alloc, obs)
-        if fixed != alloc:
+        if fixed.compression != alloc.compression:
+            changes.append(
+                f"codec {alloc.compression!r} of {cid} not allowed "
+                f"({', '.join(allowed_codecs(obs))}); using {fixed.compression!r}"
+            )
+        if fixed.model_copy(update={"compression": alloc.compression}) != alloc:
             changes.append(f"clamped allocation of {cid}")
         allocations[cid] = fixed
     guarded = decision.model_copy(
@@ -207,12 +213,26 @@ def _until(obs: Observation, cid: str) -> int:
     return next(c.excluded_until for c in obs.clients if c.id == cid)
 
 
+def allowed_codecs(obs: Observation) -> tuple[Compression, ...]:
+    """Return the upload codecs a policy may allocate: the default, then the others.
+
+    The run's default codec (``obs.default_compression``) is always allowed;
+    ``limits.codecs`` adds the others (``compression.adaptive``).
+    """
+    extra = tuple(c for c in obs.limits.codecs if c != obs.default_compression)
+    return (obs.default_compression, *dict.fromkeys(extra))
+
+
 def _clamp_allocation(alloc: Allocation, obs: Observation) -> Allocation:
     lim = obs.limits
     lr = alloc.lr if math.isfinite(alloc.lr) else obs.default_lr
     deadline = alloc.deadline_s if math.isfinite(alloc.deadline_s) else lim.deadline_s
+    codec = alloc.compression
+    if codec not in allowed_codecs(obs):
+        codec = obs.default_compression
     return alloc.model_copy(
         update={
+            "compression": codec,
             "local_epochs": int(
                 min(max(alloc.local_epochs, lim.min_epochs), lim.max_epochs)
             ),

@@ -122,6 +122,11 @@ class Limits(_Frozen):
         min_length=1,
         description="aggregation rules allowed; any other choice becomes the first",
     )
+    codecs: tuple[Compression, ...] = Field(
+        (),
+        description="upload codecs allowed besides the run's default "
+        "(Observation.default_compression); any other choice becomes the default",
+    )
 
 
 class Observation(_Frozen):

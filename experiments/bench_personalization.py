@@ -4,7 +4,11 @@
 clients split by Dirichlet(``--alpha`` 0.1), 10 per round, 30 rounds, agent strategy
 with the deterministic policy, once per mode and seed: ``none`` (the global model, the
 examples-weighted mean of the updates as in FedAvg), ``fedper`` (the final layer stays
-on each client) and ``ditto`` (a personal model with a proximal term to the global).
+on each client), ``fedrep`` (as fedper, the head trained ``--head-epochs`` with the
+body frozen before the body with the head frozen) and ``ditto`` (a personal model with
+a proximal term to the global). ``--reuse`` takes the runs of an earlier ``.json``
+output (same rounds) instead of running them again, e.g. to add one mode:
+``--modes fedper ditto fedrep --reuse experiments/results/personalization.json``.
 Every client evaluates on its own local test split the global model it receives and
 the model it would use; the table (``--out``, default
 ``experiments/results/personalization.md`` and ``.json``) gives the mean over clients
@@ -25,7 +29,7 @@ from orchestration.config import RunConfig
 
 from .bench_compression import finished_run
 
-MODES = ("none", "fedper", "ditto")
+MODES = ("none", "fedper", "fedrep", "ditto")
 
 
 _CHILD = (
@@ -49,6 +53,26 @@ def run_isolated(cfg: RunConfig) -> dict[str, Any]:
     if summary is None:
         raise RuntimeError(f"run {cfg.run_name} wrote no complete summary")
     return summary
+
+
+def reused_runs(path: Path, rounds: int) -> dict[tuple[str, int], dict[str, Any]]:
+    """Return the runs of an earlier output ``path`` by ``(mode, seed)``.
+
+    Raises
+    ------
+    ValueError
+        If a stored run has another number of rounds than ``rounds``.
+    """
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    for run in json.loads(path.read_text())["runs"]:
+        if int(run["rounds"]) != rounds:
+            raise ValueError(
+                f"{path}: run {run['mode']}-s{run['seed']} has {run['rounds']} "
+                f"rounds, this benchmark {rounds}"
+            )
+        run["per_round"] = {int(k): float(v) for k, v in run["per_round"].items()}
+        out[(str(run["mode"]), int(run["seed"]))] = run
+    return out
 
 
 def _client_curve(run_dir: Path) -> dict[int, float]:
@@ -104,14 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--alpha", type=float, default=0.1)
     ap.add_argument("--ditto-lambda", type=float, default=0.1)
+    ap.add_argument("--head-epochs", type=int, default=2, help="fedrep")
+    ap.add_argument("--reuse", type=Path, help="earlier .json output to take runs from")
     ap.add_argument("--runs-dir", default="runs/bench_personalization")
     ap.add_argument("--out", default="experiments/results/personalization.md")
     args = ap.parse_args(argv)
     modes = ["none", *[m for m in args.modes if m != "none"]]
+    reused = reused_runs(args.reuse, args.rounds) if args.reuse else {}
 
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
         for mode in modes:
+            if (mode, seed) in reused:
+                runs.append(reused[(mode, seed)])
+                continue
             cfg = RunConfig.from_flat(
                 {
                     "seed": seed,
@@ -122,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                     "personalization.evaluate_clients": True,
                     "personalization.eval_every": 5,
                     "personalization.ditto_lambda": args.ditto_lambda,
+                    "personalization.head_epochs": args.head_epochs,
                     "output_dir": args.runs_dir,
                     "run_name": f"{mode}-s{seed}",
                 }

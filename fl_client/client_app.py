@@ -145,15 +145,17 @@ def make_client_app(
             batch_size=run_cfg.train.batch_size,
             seed=seed,
         )
-        private: dict[str, float] = {}
+        train_metrics: dict[str, float] = {}
         start = time.perf_counter()
         if run_cfg.dp.mode == "sample":  # DP-SGD (Opacus), accountant in context.state
-            loss, private = train_private(
+            loss, train_metrics = train_private(
                 run_cfg, model, train_set, context, epochs=epochs, lr=lr, seed=seed
             )
-        else:
-            loss = fit(
+        else:  # FedRep: head, then body (features.local_train)
+            loss, train_metrics = features.local_train(
+                run_cfg,
                 model,
+                fit,
                 epochs=epochs,
                 proximal_mu=_number(conf, "proximal-mu", 0.0, float),
             )
@@ -186,7 +188,7 @@ def make_client_app(
                 "train-loss": loss,
                 "train-duration": duration,
                 "partition-id": pid,
-                **private,
+                **train_metrics,
                 **upload.metrics,
             }
         )

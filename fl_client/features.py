@@ -1,9 +1,10 @@
 """What a client does around plain local training: personalization and compression.
 
 Called from the ClientApp's handlers by a few hook lines:
-:func:`before_train` (load personal layers), :func:`after_train` (keep personal layers,
-train the Ditto model, encode the upload) and :func:`personal_metrics` (evaluate the
-model the client would actually use).
+:func:`before_train` (load personal layers), :func:`local_train` (FedRep's two phases,
+else plain training), :func:`after_train` (keep personal layers, train the Ditto
+model, encode the upload) and :func:`personal_metrics` (evaluate the model the client
+would actually use).
 """
 
 from __future__ import annotations
@@ -23,9 +24,38 @@ from .task import ArrayDataset, evaluate
 
 
 def before_train(cfg: RunConfig, model: nn.Module, state: RecordDict) -> None:
-    """FedPer: put the client's own layers over the received global ones."""
-    if cfg.personalization.mode == "fedper":
+    """FedPer, FedRep: put the client's own layers over the received global ones."""
+    if cfg.personalization.mode in personal.LAYER_MODES:
         personal.load_layers(model, state)
+
+
+def local_train(
+    cfg: RunConfig,
+    model: nn.Module,
+    fit: Callable[..., float],
+    *,
+    epochs: int,
+    proximal_mu: float,
+) -> tuple[float, dict[str, float]]:
+    """Train ``model`` locally; return the loss and extra metrics.
+
+    FedRep trains the head (``head_epochs``, body frozen) and then the body
+    (``epochs``, head frozen): the loss is the body phase's, ``head-loss`` the head
+    phase's. Every other mode trains the whole model for ``epochs``.
+    """
+    p = cfg.personalization
+    if p.mode != "fedrep":
+        return fit(model, epochs=epochs, proximal_mu=proximal_mu), {}
+    keys = personal.personal_keys(list(model.state_dict()), p.personal_layers)
+    head_loss, loss = personal.train_rep(
+        model,
+        keys,
+        fit,
+        head_epochs=p.head_epochs,
+        body_epochs=epochs,
+        proximal_mu=proximal_mu,
+    )
+    return loss, {"head-loss": head_loss}
 
 
 def after_train(
@@ -57,7 +87,7 @@ def after_train(
         Seeds the stochastic rounding of the codec.
     """
     p = cfg.personalization
-    if p.mode == "fedper":
+    if p.mode in personal.LAYER_MODES:
         keys = personal.personal_keys(list(received.keys()), p.personal_layers)
         arrays = personal.keep_layers(model, keys, state)
     else:
@@ -104,7 +134,7 @@ def personal_metrics(
     if mode == "none":
         return {}
     model = build()
-    if mode == "fedper":
+    if mode in personal.LAYER_MODES:
         has_own = personal.load_layers(model, state)
     else:
         has_own = personal.load_model(model, state)

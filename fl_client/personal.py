@@ -4,6 +4,10 @@
   final layer) are the client's own. They are kept in ``context.state`` between rounds,
   loaded over the received global ones before training and evaluation, and never
   uploaded: the reply carries the shared body only.
+* ``fedrep`` (Collins et al., ICML 2021): the same split and storage as ``fedper``,
+  but local training has two phases (:func:`train_rep`): the head (the personal
+  layers) for ``personalization.head_epochs`` with the body frozen, then the body for
+  the allocated local epochs with the head frozen. Only the body is uploaded.
 * ``ditto``: the global model is trained and uploaded as usual; besides it the client
   keeps a full personal model in ``context.state``, trained each round on the local data
   with the proximal term ``lambda / 2 * ||v - w_global||^2`` to the received global.
@@ -14,7 +18,7 @@ or the Ditto model); before its first training round it is the global model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from flwr.app import ArrayRecord, RecordDict
@@ -22,6 +26,8 @@ from torch import nn
 
 LAYERS_KEY = "personal.layers"
 MODEL_KEY = "personal.model"
+#: Modes whose personal layers stay on the client (only the body is uploaded).
+LAYER_MODES = frozenset({"fedper", "fedrep"})
 
 
 def personal_keys(names: Sequence[str], spec: str) -> tuple[str, ...]:
@@ -95,3 +101,62 @@ def store_model(model: nn.Module, state: RecordDict) -> None:
 def anchor_of(model: nn.Module) -> list[torch.Tensor]:
     """Detached copies of ``model``'s parameters (the proximal anchor)."""
     return [p.detach().clone() for p in model.parameters()]
+
+
+def train_rep(
+    model: nn.Module,
+    keys: Sequence[str],
+    fit: Callable[..., float],
+    *,
+    head_epochs: int,
+    body_epochs: int,
+    proximal_mu: float = 0.0,
+) -> tuple[float, float]:
+    """FedRep's local update: the head with the body frozen, then the reverse.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Global body with the client's own head loaded; trained in place.
+    keys : sequence of str
+        The head's array names (:func:`personal_keys`); buffers among them are not
+        trained.
+    fit : callable
+        ``fit(model, epochs=..., proximal_mu=...)`` trains the parameters that
+        require gradients and returns the mean loss.
+    head_epochs, body_epochs : int
+        Epochs of each phase (``personalization.head_epochs``, the allocated local
+        epochs).
+    proximal_mu : float
+        FedProx term of the body phase, anchored at the received body.
+
+    Returns
+    -------
+    tuple of float
+        Mean training loss of the head phase and of the body phase.
+
+    Raises
+    ------
+    ValueError
+        If an epoch count is below 1 or ``keys`` names no parameter of ``model``.
+    """
+    if head_epochs < 1 or body_epochs < 1:
+        raise ValueError(
+            f"head_epochs={head_epochs} and body_epochs={body_epochs} must be >= 1"
+        )
+    params = dict(model.named_parameters())
+    head = set(keys) & set(params)
+    if not head:
+        raise ValueError(f"no parameter of the model is personal: {list(keys)}")
+    before = {name: p.requires_grad for name, p in params.items()}
+    try:
+        for name, p in params.items():
+            p.requires_grad_(name in head)
+        head_loss = fit(model, epochs=head_epochs)
+        for name, p in params.items():
+            p.requires_grad_(name not in head)
+        body_loss = fit(model, epochs=body_epochs, proximal_mu=proximal_mu)
+    finally:
+        for name, p in params.items():
+            p.requires_grad_(before[name])
+    return head_loss, body_loss

@@ -3,11 +3,12 @@
 :class:`ClientFeatures` is what :class:`~fl_server.strategy.AgentStrategy` calls from
 a few hook lines:
 
-* :meth:`~ClientFeatures.split` / :meth:`~ClientFeatures.merge`: under FedPer the
-  personal layers never come back, so the strategy aggregates the shared arrays only
-  and keeps its own copy of the personal ones (the initial values, sent down each
-  round and overwritten by every client with its own; the server's central accuracy
-  therefore measures the shared body with an untrained head, not a client's model).
+* :meth:`~ClientFeatures.split` / :meth:`~ClientFeatures.merge`: under FedPer and
+  FedRep the personal layers never come back, so the strategy aggregates the shared
+  arrays only and keeps its own copy of the personal ones (the initial values, sent
+  down each round and overwritten by every client with its own; the server's central
+  accuracy therefore measures the shared body with an untrained head, not a client's
+  model).
 * :meth:`~ClientFeatures.train_config`: extra train instructions per client
   (``ef-expected``: the client sent error-feedback updates before and should hold a
   residual).
@@ -41,7 +42,7 @@ from flwr.app import (
 from agent_strategy.types import Compression
 from fl_client.codec import SPARSE, CodecError, decode, topk_count
 from fl_client.compression import META_KEY
-from fl_client.personal import personal_keys
+from fl_client.personal import LAYER_MODES, personal_keys
 from orchestration.config import RunConfig
 
 from .aggregation import unflatten_vector
@@ -62,7 +63,7 @@ class ClientFeatures:
     error_feedback : bool
         Whether top-k clients keep a residual.
     personal_mode : str
-        ``none``, ``fedper`` or ``ditto``.
+        ``none``, ``fedper``, ``fedrep`` or ``ditto``.
     personal_layers : str
         FedPer's layer spec (see :func:`fl_client.personal.personal_keys`).
     evaluate_clients : bool
@@ -112,7 +113,7 @@ class ClientFeatures:
     # ------------------------------------------------------------ personal layers
     def split(self, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, Array]]:
         """Return the shared arrays and the server's copy of the personal ones."""
-        if self.personal_mode != "fedper":
+        if self.personal_mode not in LAYER_MODES:
             return arrays, {}
         keys = set(personal_keys(list(arrays.keys()), self.personal_layers))
         shared = ArrayRecord({k: v for k, v in arrays.items() if k not in keys})

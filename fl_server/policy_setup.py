@@ -97,6 +97,7 @@ def open_policy(cfg: RunConfig) -> Iterator[PolicySetup]:
         exploration=cfg.policy.exploration,
         duration_quantile=cfg.policy.duration_quantile,
         detection=detection_params(cfg),
+        topk_fraction=cfg.compression.topk_fraction,
     )
     if cfg.policy.name == "deterministic":
         yield PolicySetup(det, det)

@@ -117,6 +117,7 @@ def build_strategy(
         max_staleness=p.max_staleness,
         max_flag_share=p.max_flag_share,
         rules=cfg.defense.allowed_rules(),
+        codecs=cfg.compression.allowed_codecs(),
     )
     if setup is None:
         det = DeterministicPolicy(
@@ -124,6 +125,7 @@ def build_strategy(
             exploration=p.exploration,
             duration_quantile=p.duration_quantile,
             detection=detection_params(cfg),
+            topk_fraction=cfg.compression.topk_fraction,
         )
         setup = PolicySetup(det, det)
     d = cfg.defense

@@ -26,6 +26,7 @@ def check_combinations(cfg: RunConfig) -> None:
     _client_features_need_the_agent(cfg)
     _secagg_sums_dense_full_updates(cfg)
     _client_dp_clips_dense_updates(cfg)
+    _fedrep_head_phase_is_not_private(cfg)
 
 
 def _resume_needs_server_side_state(cfg: RunConfig) -> None:
@@ -37,7 +38,7 @@ def _resume_needs_server_side_state(cfg: RunConfig) -> None:
             "runs its own round loop, which cannot start at a checkpoint's round"
         )
     lost = []
-    if cfg.compression.codec in ("topk", "topk_q8") and cfg.compression.error_feedback:
+    if cfg.compression.keeps_residuals():
         lost.append("compression error feedback (the residuals)")
     if cfg.personalization.mode != "none":
         lost.append(f"personalization.mode={cfg.personalization.mode!r} (the models)")
@@ -142,11 +143,11 @@ def _client_features_need_the_agent(cfg: RunConfig) -> None:
     """Compression and personalization need the agent strategy's server side."""
     if cfg.strategy.name == "agent":
         return
-    if cfg.compression.codec != "none":
+    if cfg.compression.compresses():
         raise ValueError(
-            f"compression.codec={cfg.compression.codec!r} needs strategy.name='agent': "
+            f"{cfg.compression.describe()} needs strategy.name='agent': "
             f"Flower's {cfg.strategy.name} cannot decode compressed updates (use "
-            "compression.codec='none')"
+            "compression.codec='none', compression.adaptive=false)"
         )
     p = cfg.personalization
     if p.mode != "none" or p.evaluate_clients:
@@ -161,12 +162,13 @@ def _client_features_need_the_agent(cfg: RunConfig) -> None:
 def _secagg_sums_dense_full_updates(cfg: RunConfig) -> None:
     if not cfg.secagg.enabled:
         return
-    if cfg.compression.codec != "none":
+    if cfg.compression.compresses():
         raise ValueError(
-            f"secagg.enabled=true does not compose with compression.codec="
-            f"{cfg.compression.codec!r}: SecAgg+ masks and sums one dense vector per "
-            "client (it quantizes it itself); quantized codes or top-k indices "
-            "cannot be summed under masks. Use compression.codec='none'"
+            f"secagg.enabled=true does not compose with "
+            f"{cfg.compression.describe()}: SecAgg+ masks and sums one dense vector "
+            "per client (it quantizes it itself); quantized codes or top-k indices "
+            "cannot be summed under masks. Use compression.codec='none' and "
+            "compression.adaptive=false"
         )
     p = cfg.personalization
     if p.mode != "none" or p.evaluate_clients:
@@ -179,10 +181,21 @@ def _secagg_sums_dense_full_updates(cfg: RunConfig) -> None:
 
 
 def _client_dp_clips_dense_updates(cfg: RunConfig) -> None:
-    if cfg.dp.mode == "client" and cfg.compression.codec != "none":
+    if cfg.dp.mode == "client" and cfg.compression.compresses():
         raise ValueError(
-            f"dp.mode='client' does not compose with compression.codec="
-            f"{cfg.compression.codec!r}: Flower's fixedclipping_mod clips the "
+            f"dp.mode='client' does not compose with "
+            f"{cfg.compression.describe()}: Flower's fixedclipping_mod clips the "
             "reply's arrays, which would be the compact encoding, not the update. "
-            "Use compression.codec='none' or dp.mode='sample'"
+            "Use compression.codec='none' (adaptive=false) or dp.mode='sample'"
+        )
+
+
+def _fedrep_head_phase_is_not_private(cfg: RunConfig) -> None:
+    if cfg.dp.mode == "sample" and cfg.personalization.mode == "fedrep":
+        raise ValueError(
+            "dp.mode='sample' does not compose with personalization.mode='fedrep': "
+            "FedRep's head phase trains outside Opacus, and the uploaded body is "
+            "then trained through that head, so DP-SGD's epsilon would not cover "
+            "the upload. Use personalization.mode='fedper' (the whole model under "
+            "DP-SGD)"
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 from pydantic import (
     BaseModel,
@@ -33,7 +33,7 @@ StructuredMode = Literal["auto", "json_schema", "json_object", "tool", "none"]
 RouteTarget = Literal["llm", "deterministic"]
 AutoRouteTarget = Literal["auto", "llm", "deterministic"]
 CodecName = Literal["none", "q8", "q4", "topk", "topk_q8"]
-PersonalMode = Literal["none", "fedper", "ditto"]
+PersonalMode = Literal["none", "fedper", "fedrep", "ditto"]
 AttackName = Literal[
     "none",
     "sign_flip",
@@ -176,16 +176,75 @@ class CompressionConfig(_Section):
     )
     topk_fraction: float = Field(0.01, gt=0, le=1, description="share of entries kept")
     error_feedback: bool = Field(True, description="top-k: keep the residual")
+    adaptive: bool = Field(
+        False,
+        description="the deterministic policy picks each client's codec from its "
+        "measured bandwidth, among codec and allowed (devices.enabled measures it)",
+    )
+    allowed: str = Field(
+        "none,q8,q4,topk",
+        description="adaptive: comma-separated codecs the policy may allocate "
+        "besides codec; the guard replaces any other by codec",
+    )
+
+    @field_validator("allowed")
+    @classmethod
+    def _check_allowed(cls, v: str) -> str:
+        names = [x.strip() for x in v.split(",") if x.strip()]
+        valid = get_args(CodecName)
+        bad = [x for x in names if x not in valid]
+        if not names or bad:
+            raise ValueError(
+                f"compression.allowed must list some of {', '.join(valid)}; got {v!r}"
+            )
+        return ",".join(dict.fromkeys(names))
+
+    def allowed_codecs(self) -> tuple[CodecName, ...]:
+        """Return the codecs a policy may allocate besides ``codec`` (none if fixed)."""
+        if not self.adaptive:
+            return ()
+        names = [cast(CodecName, c) for c in self.allowed.split(",")]
+        return tuple(c for c in names if c != self.codec)
+
+    def codecs_in_use(self) -> tuple[CodecName, ...]:
+        """Return every codec a client of the run may be asked for, ``codec`` first."""
+        return (self.codec, *self.allowed_codecs())
+
+    def compresses(self) -> bool:
+        """Whether some client may upload a compressed update."""
+        return any(c != "none" for c in self.codecs_in_use())
+
+    def keeps_residuals(self) -> bool:
+        """Whether some client may keep a top-k error-feedback residual."""
+        return self.error_feedback and any(
+            c in ("topk", "topk_q8") for c in self.codecs_in_use()
+        )
+
+    def describe(self) -> str:
+        """Return the keys that set the run's codecs, for error messages."""
+        if not self.allowed_codecs():
+            return f"compression.codec={self.codec!r}"
+        return (
+            f"compression.codec={self.codec!r} with compression.adaptive=true "
+            f"(allowed {self.allowed!r})"
+        )
 
 
 class PersonalizationConfig(_Section):
     """Personalized models on the clients (agent strategy only)."""
 
     mode: PersonalMode = Field(
-        "none", description="fedper: personal layers stay local; ditto: personal model"
+        "none",
+        description="fedper: personal layers stay local; fedrep: as fedper, the head "
+        "trained first with the body frozen, then the body with the head frozen; "
+        "ditto: personal model",
     )
     personal_layers: str = Field(
-        "last", description="fedper: comma-separated name prefixes; last = final layer"
+        "last",
+        description="fedper, fedrep: comma-separated name prefixes; last = final layer",
+    )
+    head_epochs: int = Field(
+        2, ge=1, le=100, description="fedrep: epochs of the head before the body's"
     )
     ditto_lambda: float = Field(0.1, ge=0, description="ditto: proximal weight")
     ditto_epochs: int = Field(1, ge=1, le=100, description="ditto: personal epochs")

@@ -247,7 +247,9 @@ def _user_text(
         "limits": {
             k: num(v)
             for k, v in obs.limits.model_dump().items()
-            if k != "rules"  # not a number; the task text lists the allowed rules
+            # not numbers; the task text lists the allowed rules, and answers
+            # choose no codec
+            if k not in ("rules", "codecs")
         },
     }
     if obs.phase == "train":
