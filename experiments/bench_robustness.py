@@ -100,8 +100,19 @@ def _load(runs_dir: Path) -> list[dict[str, Any]]:
         summary_path = results_path.parent / "summary.json"
         cfg = json.loads((results_path.parent / "config.json").read_text())
         results = [json.loads(x) for x in results_path.read_text().splitlines()]
+        failed_path = results_path.parent / "failed.json"
         if summary_path.exists():
             summary = json.loads(summary_path.read_text())
+        elif failed_path.exists() and results:
+            # The run raised (e.g. the model's weights overflowed to inf/NaN and a
+            # feature could not be computed): scored at its last evaluated accuracy.
+            summary = {
+                "final_accuracy": results[-1]["accuracy"],
+                "wall_s": None,
+                "failed_rounds": sum(bool(r.get("failed")) for r in results),
+                "stopped_at_round": results[-1]["round"],
+                "error": json.loads(failed_path.read_text())["error"],
+            }
         elif len(results) > 1 and results[-1].get("failed"):
             # Stopped after max_failed_rounds failed rounds (e.g. the model became
             # NaN and every client failed): scored at its last evaluated accuracy.
@@ -124,6 +135,7 @@ def _load(runs_dir: Path) -> list[dict[str, Any]]:
                 "wall_s": summary["wall_s"],
                 "failed_rounds": summary.get("failed_rounds", 0),
                 "stopped_at_round": summary.get("stopped_at_round"),
+                "error": summary.get("error"),
                 "accuracy": [r["accuracy"] for r in results],
                 "detection": (summary.get("attack") or {}).get("detection"),
             }
@@ -132,8 +144,8 @@ def _load(runs_dir: Path) -> list[dict[str, Any]]:
 
 
 def _finished(run_dir: Path) -> bool:
-    """Return whether a run completed, or stopped for good (diverged)."""
-    if (run_dir / "summary.json").exists():
+    """Return whether a run completed, stopped for good (diverged) or raised."""
+    if (run_dir / "summary.json").exists() or (run_dir / "failed.json").exists():
         return True
     results = run_dir / "results.jsonl"
     if not results.exists():
@@ -225,7 +237,8 @@ def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
                 "seeds": n,
             }
         )
-    stopped = [r for r in rows if r["stopped_at_round"]]
+    stopped = [r for r in rows if r["stopped_at_round"] and not r["error"]]
+    crashed = [r for r in rows if r["error"]]
     lines += [
         "",
         *(
@@ -233,6 +246,11 @@ def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
             f"{r['failed_rounds']} failed rounds (every client failed: the global "
             "model had diverged); scored at its last accuracy."
             for r in stopped
+        ),
+        *(
+            f"`{r['name']}` raised after round {r['stopped_at_round']} "
+            f"({r['error'][:160]}); scored at its last accuracy."
+            for r in crashed
         ),
         "",
         f"{len(rows)} runs in `{_rel(runs_dir)}`. "
@@ -360,6 +378,12 @@ def main(argv: list[str] | None = None) -> int:
                 run_experiment(RunConfig.from_flat(flat))
             except RunFailedError as e:
                 print(f"{name} failed: {e}", flush=True)
+                # Recorded so that the sweep does not rerun it and the report can
+                # say why it stopped (a deterministic run fails the same way again).
+                (runs_dir / name).mkdir(parents=True, exist_ok=True)
+                (runs_dir / name / "failed.json").write_text(
+                    json.dumps({"error": str(e)})
+                )
             print(f"{name}: {time.perf_counter() - t0:.0f}s", flush=True)
             report(runs_dir, out, command.strip())
     data = report(runs_dir, out, command.strip())
