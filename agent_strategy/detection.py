@@ -68,6 +68,7 @@ class DetectionParams:
     strong_reversal: float = 0.3
     min_log_spread: float = 0.1
     core_cap: float = 2.0
+    majority_norm_ratio: float = 3.0
 
     def __post_init__(self) -> None:
         if self.z_threshold <= 0 or self.min_log_spread <= 0:
@@ -77,9 +78,11 @@ class DetectionParams:
                 "need 0 <= low_norm_ratio < 1 <= reversal_norm_ratio, got "
                 f"{self.low_norm_ratio} and {self.reversal_norm_ratio}"
             )
-        if self.big_norm_ratio < 1 or self.core_cap < 1 or self.strong_reversal < 0:
+        ratios = (self.big_norm_ratio, self.core_cap, self.majority_norm_ratio)
+        if min(ratios) < 1 or self.strong_reversal < 0:
             raise ValueError(
-                "need big_norm_ratio >= 1, core_cap >= 1 and strong_reversal >= 0"
+                "need big_norm_ratio, core_cap, majority_norm_ratio >= 1 and "
+                "strong_reversal >= 0"
             )
 
 
@@ -126,7 +129,7 @@ def core_mask(replies: Sequence[ReplyFeatures]) -> np.ndarray:
 
 def reference(
     replies: Sequence[ReplyFeatures], params: DetectionParams = DetectionParams()
-) -> tuple[float, float, bool]:
+) -> tuple[float, float, bool, bool]:
     """Return the round's reference norm, log-norm spread and whether z applies.
 
     With at least ``params.min_replies_for_z`` replies the reference is the median
@@ -140,13 +143,14 @@ def reference(
     norms = np.array([r.update_norm for r in replies], dtype=np.float64)
     med_all = float(np.median(norms))
     if len(replies) < params.min_replies_for_z:
-        return med_all, math.inf, False
+        return med_all, math.inf, False, False
     logs = _log(norms[core_mask(replies)])
     center = float(np.median(logs))
     mad = float(np.median(np.abs(logs - center)))
     med_core = math.exp(center)
-    ref = med_all if med_all <= params.core_cap * med_core else med_core
-    return ref, max(mad / _MAD_TO_SD, params.min_log_spread), True
+    far_majority = med_all > params.core_cap * med_core
+    ref = med_core if far_majority else med_all
+    return ref, max(mad / _MAD_TO_SD, params.min_log_spread), True, far_majority
 
 
 def detect(
@@ -170,7 +174,12 @@ def detect(
     if n == 0:
         return ()
     thr = params.z_threshold
-    ref, spread, use_z = reference(replies, params)
+    ref, spread, use_z, far_majority = reference(replies, params)
+    # Far-away replies are a majority (never seen in honest rounds: the round's
+    # median norm stayed under 1.7x the core's): the z-score is no longer a test
+    # against honest replies, and ``majority_norm_ratio`` times the core's median
+    # is enough.
+    big = params.majority_norm_ratio if far_majority else None
     log_ref = math.log(max(ref, 1e-12))
 
     scored: list[tuple[float, int, Flag]] = []
@@ -180,7 +189,9 @@ def detect(
         ratio = r.update_norm / ref if ref > 0 else (math.inf if r.update_norm else 1)
         z = (math.log(max(r.update_norm, 1e-12)) - log_ref) / spread if use_z else 0.0
         where = f"the reference norm {ref:.3g}"
-        if ratio >= params.big_norm_ratio and (z > thr or not use_z):
+        if (big is not None and ratio >= big) or (
+            ratio >= params.big_norm_ratio and (z > thr or not use_z)
+        ):
             reasons.append(
                 f"update norm {r.update_norm:.3g} is {ratio:.3g}x {where}"
                 + (f" ({z:.1f} robust SDs above)" if use_z else "")
@@ -196,7 +207,9 @@ def detect(
         push = ratio * (params.min_cosine - cos)
         reversed_big = ratio >= params.reversal_norm_ratio and push >= params.min_push
         strong = cos < params.min_cosine - params.strong_reversal and ratio >= 1.0
-        if reversed_big or strong:
+        # With far-away replies a majority the coordinate median is theirs and the
+        # cosine to it says nothing about the honest direction.
+        if (reversed_big or strong) and not far_majority:
             bound = params.min_cosine - (0 if reversed_big else params.strong_reversal)
             reasons.append(
                 f"cosine to the coordinate median {cos:.2f} < {bound:.2f} with a "

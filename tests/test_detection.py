@@ -131,11 +131,17 @@ def test_reference_is_the_central_half_and_ignores_duplicates() -> None:
     ]
 
     assert core_mask(replies).tolist() == [True, True, False, False, False, False]
-    ref, spread, use_z = reference(replies)
-    # core log-norms 0 and log 2: median log 2 / 2, MAD log 2 / 2
-    assert ref == pytest.approx(2**0.5) and use_z
+    ref, spread, use_z, far = reference(replies)
+    # core log-norms 0 and log 2: median log 2 / 2, MAD log 2 / 2; the round's
+    # median (27) is over 2x the core's (1.41): far-away replies are a majority
+    assert ref == pytest.approx(2**0.5) and use_z and far
     assert spread == pytest.approx(np.log(2) / 2 / 0.6745)
-    assert reference(replies[:3]) == (2.0, np.inf, False)
+    assert reference(replies[:3]) == (2.0, np.inf, False, False)
+    # an ordinary round: the reference is the round's median (non-IID clients with
+    # more data have larger norms and are less central)
+    ordinary = [_reply(f"c{i}", 1.0 + 0.1 * i, distance_rank=i + 1) for i in range(6)]
+    assert reference(ordinary)[0] == pytest.approx(1.25)
+    assert not reference(ordinary)[3]
     dups = [_reply(f"c{i}", 1.0, duplicates=1) for i in range(4)]
     assert core_mask(dups).all()
 
@@ -153,11 +159,25 @@ def test_attackers_that_are_a_majority_of_the_round_are_still_caught() -> None:
     assert all("little or no work" not in f.reason for f in detect(replies))
 
 
+def test_reversed_attackers_that_are_a_majority_are_caught_by_their_norm() -> None:
+    """6 of 10 send -4x their update: the coordinate median points their way."""
+    rng = np.random.default_rng(6)
+    direction = rng.normal(size=300)
+    honest = direction + 1.5 * rng.normal(size=(10, 300))
+    u = np.vstack([honest[:4], -4 * honest[4:]])
+    replies = _from_features(u)
+    assert min(r.cosine_to_median for r in replies[4:]) > 0  # direction is useless
+
+    assert sorted(f.id for f in detect(replies)) == [f"c{i}" for i in range(4, 10)]
+
+
 def test_invalid_parameters_are_refused() -> None:
     with pytest.raises(ValueError, match="low_norm_ratio"):
         DetectionParams(low_norm_ratio=1.5)
     with pytest.raises(ValueError, match="big_norm_ratio"):
         DetectionParams(big_norm_ratio=0.5)
+    with pytest.raises(ValueError, match="majority_norm_ratio"):
+        DetectionParams(majority_norm_ratio=0.9)
     with pytest.raises(ValueError, match="z_threshold"):
         DetectionParams(z_threshold=0.0)
 
