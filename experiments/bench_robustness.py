@@ -138,9 +138,26 @@ def _load(runs_dir: Path) -> list[dict[str, Any]]:
                 "error": summary.get("error"),
                 "accuracy": [r["accuracy"] for r in results],
                 "detection": (summary.get("attack") or {}).get("detection"),
+                "malicious_flags": _malicious_flags(results_path.parent),
             }
         )
     return rows
+
+
+def _malicious_flags(run_dir: Path) -> dict[str, int] | None:
+    """Return the replies and the ``malicious`` flags in a run's decision log."""
+    path = run_dir / "decisions.jsonl"
+    if not path.exists():
+        return None
+    replies = flagged = 0
+    for line in path.read_text().splitlines():
+        d = json.loads(line)
+        if d["phase"] != "aggregate":
+            continue
+        flags = [f["id"] for f in d["decision"]["flags"] if f["kind"] == "malicious"]
+        flagged += len(flags)
+        replies += len(set(d["decision"]["weights"]) | set(flags))
+    return {"replies": replies, "flagged": flagged}
 
 
 def _finished(run_dir: Path) -> bool:
@@ -176,6 +193,17 @@ def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
         return statistics.mean(r["final_accuracy"] for r in runs) if runs else None
 
     clean = mean_acc(("none", 0.0, "fedavg"))
+    counts = [
+        r["malicious_flags"]
+        for r in by.get(("none", 0.0, "agent"), [])
+        if r["malicious_flags"]
+    ]
+    clean_flags = (
+        f" ({sum(c['flagged'] for c in counts)} of {sum(c['replies'] for c in counts)}"
+        " honest replies flagged malicious)"
+        if counts
+        else ""
+    )
     cells = sorted(
         {(a, f) for a, f, _ in by if a != "none"},
         key=lambda c: (c[1], ATTACKS.index(c[0]) if c[0] in ATTACKS else 99),
@@ -186,12 +214,15 @@ def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
         "MNIST-5k, 20 clients, Dirichlet 0.5, 10 per round, 30 rounds, CNN; final "
         "centralized accuracy in % (mean over the seeds run, `n` = seeds). The agent "
         "is the deterministic policy with `defense.enabled=true`. Detection: the "
-        "agent's reply-level precision / recall (a reply of a malicious client from "
-        "the attack's start is a positive; rejected or flagged malicious is "
-        "detected).",
+        "agent's reply-level precision / recall, summed over the seeds "
+        "(`fl_server/attack_report.py`): every reply (client, round) from the "
+        "attack's first round is a positive when its client is malicious and is "
+        "detected when the server rejected it or the policy flagged it malicious "
+        "(a straggler flag is not a detection); an excluded client sends no reply, "
+        "so its excluded rounds count neither way.",
         "",
         f"Clean reference: FedAvg {_fmt(clean)}, agent "
-        f"{_fmt(mean_acc(('none', 0.0, 'agent')))}.",
+        f"{_fmt(mean_acc(('none', 0.0, 'agent')))}{clean_flags}.",
         "",
         "| attack | malicious | agent | fedavg | fedtrimmedavg | multikrum | "
         "fedmedian | agent - best Flower (>= -0.5) | agent - clean FedAvg (>= -2 at "
