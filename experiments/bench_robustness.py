@@ -365,6 +365,31 @@ def _plots(
         plt.close(fig)
 
 
+def _next_utc(hh_mm: str, now: float | None = None) -> float:
+    """Return the epoch time of the next ``HH:MM`` UTC after ``now``."""
+    import datetime as dt
+
+    t = dt.datetime.fromtimestamp(time.time() if now is None else now, dt.UTC)
+    hour, minute = (int(x) for x in hh_mm.split(":"))
+    at = t.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    if at <= t:
+        at += dt.timedelta(days=1)
+    return at.timestamp()
+
+
+def _without_stop_after(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--stop-after":
+            skip = True
+        elif not a.startswith("--stop-after="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run (or continue) the sweep and write the report; return the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -381,11 +406,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--no-clean-agent", action="store_true", help="skip the clean agent run"
     )
+    ap.add_argument(
+        "--stop-after",
+        metavar="HH:MM",
+        help="start no run after the next HH:MM UTC (the report is still written)",
+    )
     args = ap.parse_args(argv)
+    deadline = _next_utc(args.stop_after) if args.stop_after else None
     runs_dir = Path(args.runs_dir).resolve()
     out = Path(args.out)
     command = "python -m experiments.bench_robustness " + " ".join(
-        a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"
+        a
+        for a in _without_stop_after(argv if argv is not None else sys.argv[1:])
+        if a != "--report-only"
     )
     if not args.report_only:
         from orchestration.config import RunConfig
@@ -402,12 +435,17 @@ def main(argv: list[str] | None = None) -> int:
             name = run_name(attack, frac, strategy, seed)
             if _finished(runs_dir / name):
                 continue
+            if deadline is not None and time.time() >= deadline:
+                print(f"{args.stop_after} UTC passed: no new runs", flush=True)
+                break
             print(f"[{i}/{len(cells)}] {name}", flush=True)
             t0 = time.perf_counter()
             flat = cell_config(attack, frac, strategy, seed, args.rounds, runs_dir)
             try:
                 run_experiment(RunConfig.from_flat(flat))
             except RunFailedError as e:
+                if isinstance(e.__cause__, (SystemExit, KeyboardInterrupt)):
+                    raise  # stopped from outside (SIGTERM, Ctrl-C): not a result
                 print(f"{name} failed: {e}", flush=True)
                 # Recorded so that the sweep does not rerun it and the report can
                 # say why it stopped (a deterministic run fails the same way again).
