@@ -64,7 +64,7 @@ def test_report_scores_cells_failed_runs_and_clean_flags(tmp_path: Path) -> None
         [0.1, 0.9],
         {"final_accuracy": 0.9, "wall_s": 1.0},
     )
-    agg = {
+    agg: dict[str, object] = {
         "phase": "aggregate",
         "decision": {
             "weights": {"c0": 1.0, "c1": 1.0},
