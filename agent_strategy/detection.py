@@ -24,6 +24,11 @@ Detectors
   than ``z_threshold`` robust SDs above it (log scale). Under Dirichlet 0.5 (MNIST-5k,
   300 clean replies) 99% of honest norms are under 2.2x the reference and the
   largest was 4.8x, so a large norm alone is not enough;
+* norm, repeated: a norm at least ``repeat_norm_ratio`` times the reference from a
+  client with a record (flagged or rejected before; ``record``). Late in training a
+  reversed x4 update of a small client can point along the median and be only 2-4x
+  the reference, like a one-off large honest update; an attacker does it every
+  round it is selected;
 * norm, low: a norm under ``low_norm_ratio`` times the reference (free-riding);
 * direction: a reversed *and* amplified update: a norm at least
   ``reversal_norm_ratio`` times the reference and a backward push ``ratio *
@@ -44,7 +49,7 @@ detected by these features (its updates look like honest non-IID ones).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +74,7 @@ class DetectionParams:
     min_log_spread: float = 0.1
     core_cap: float = 2.0
     majority_norm_ratio: float = 3.0
+    repeat_norm_ratio: float = 2.0
 
     def __post_init__(self) -> None:
         if self.z_threshold <= 0 or self.min_log_spread <= 0:
@@ -78,11 +84,16 @@ class DetectionParams:
                 "need 0 <= low_norm_ratio < 1 <= reversal_norm_ratio, got "
                 f"{self.low_norm_ratio} and {self.reversal_norm_ratio}"
             )
-        ratios = (self.big_norm_ratio, self.core_cap, self.majority_norm_ratio)
+        ratios = (
+            self.big_norm_ratio,
+            self.core_cap,
+            self.majority_norm_ratio,
+            self.repeat_norm_ratio,
+        )
         if min(ratios) < 1 or self.strong_reversal < 0:
             raise ValueError(
-                "need big_norm_ratio, core_cap, majority_norm_ratio >= 1 and "
-                "strong_reversal >= 0"
+                "need big_norm_ratio, core_cap, majority_norm_ratio, "
+                "repeat_norm_ratio >= 1 and strong_reversal >= 0"
             )
 
 
@@ -154,7 +165,9 @@ def reference(
 
 
 def detect(
-    replies: Sequence[ReplyFeatures], params: DetectionParams = DetectionParams()
+    replies: Sequence[ReplyFeatures],
+    params: DetectionParams = DetectionParams(),
+    record: Collection[str] = (),
 ) -> tuple[Flag, ...]:
     """Return a ``malicious`` flag for each suspicious reply, most suspicious first.
 
@@ -164,6 +177,11 @@ def detect(
         One round's accepted replies.
     params : DetectionParams
         The thresholds.
+    record : collection of str
+        Clients with a record (flagged or rejected before: reputation under 1).
+        For them a norm ``repeat_norm_ratio`` times the reference is enough: an
+        attacker keeps sending outsized updates, an honest client's large one is a
+        one-off.
 
     Returns
     -------
@@ -189,12 +207,16 @@ def detect(
         ratio = r.update_norm / ref if ref > 0 else (math.inf if r.update_norm else 1)
         z = (math.log(max(r.update_norm, 1e-12)) - log_ref) / spread if use_z else 0.0
         where = f"the reference norm {ref:.3g}"
-        if (big is not None and ratio >= big) or (
-            ratio >= params.big_norm_ratio and (z > thr or not use_z)
+        repeat = r.id in record and ratio >= params.repeat_norm_ratio
+        if (
+            repeat
+            or (big is not None and ratio >= big)
+            or (ratio >= params.big_norm_ratio and (z > thr or not use_z))
         ):
             reasons.append(
                 f"update norm {r.update_norm:.3g} is {ratio:.3g}x {where}"
                 + (f" ({z:.1f} robust SDs above)" if use_z else "")
+                + (" from a client flagged before" if repeat else "")
             )
             severity = max(severity, z if use_z else thr + math.log(ratio))
         elif n >= 2 and ratio < params.low_norm_ratio:

@@ -171,6 +171,28 @@ def test_reversed_attackers_that_are_a_majority_are_caught_by_their_norm() -> No
     assert sorted(f.id for f in detect(replies)) == [f"c{i}" for i in range(4, 10)]
 
 
+def test_a_client_with_a_record_is_flagged_for_a_smaller_outsized_update() -> None:
+    replies = [*_honest(7), _reply("c9", norm=2.5, cos=0.3)]
+
+    assert detect(replies) == ()  # a one-off 2.5x update
+    (flag,) = detect(replies, record={"c9", "c1"})
+    assert flag.id == "c9" and "from a client flagged before" in flag.reason
+    assert detect([*_honest(7), _reply("c9", norm=1.5)], record={"c9"}) == ()
+
+
+def test_the_policy_passes_the_clients_with_a_record() -> None:
+    clients = tuple(
+        ClientState(id=f"c{i}", num_examples=100, reputation=0.5 if i == 9 else 1.0)
+        for i in range(10)
+    )
+    obs = plain_aggregate_obs([*_honest(7), _reply("c9", norm=2.5)])
+    obs = obs.model_copy(update={"clients": clients})
+
+    flags = DeterministicPolicy(detection=DetectionParams()).decide(obs).flags
+
+    assert [f.id for f in flags] == ["c9"]
+
+
 def test_invalid_parameters_are_refused() -> None:
     with pytest.raises(ValueError, match="low_norm_ratio"):
         DetectionParams(low_norm_ratio=1.5)
