@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -41,6 +42,12 @@ ATTACK_KNOBS: dict[str, dict[str, float]] = {
     "noise": {"attack.noise_std": 1.0},
 }
 DETECTION_TARGET = ("sign_flip", "scaling", "noise")
+RETRIES = 2  # runs whose simulation runtime did not start are run again
+
+
+def _infrastructure(error: BaseException) -> bool:
+    """Return whether a failed run is the machine's fault (Ray did not start)."""
+    return "Simulation Runtime crashed" in str(error)
 
 
 def run_name(attack: str, fraction: float, strategy: str, seed: int) -> str:
@@ -441,18 +448,29 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i}/{len(cells)}] {name}", flush=True)
             t0 = time.perf_counter()
             flat = cell_config(attack, frac, strategy, seed, args.rounds, runs_dir)
-            try:
-                run_experiment(RunConfig.from_flat(flat))
-            except RunFailedError as e:
-                if isinstance(e.__cause__, (SystemExit, KeyboardInterrupt)):
-                    raise  # stopped from outside (SIGTERM, Ctrl-C): not a result
-                print(f"{name} failed: {e}", flush=True)
-                # Recorded so that the sweep does not rerun it and the report can
-                # say why it stopped (a deterministic run fails the same way again).
-                (runs_dir / name).mkdir(parents=True, exist_ok=True)
-                (runs_dir / name / "failed.json").write_text(
-                    json.dumps({"error": str(e)})
-                )
+            for attempt in range(1, RETRIES + 2):
+                try:
+                    run_experiment(RunConfig.from_flat(flat))
+                except RunFailedError as e:
+                    if isinstance(e.__cause__, (SystemExit, KeyboardInterrupt)):
+                        raise  # stopped from outside (SIGTERM, Ctrl-C): not a result
+                    print(f"{name} failed: {e}", flush=True)
+                    if _infrastructure(e):
+                        # Ray did not start (overloaded machine): the partial
+                        # rounds are no result; start it again.
+                        shutil.rmtree(runs_dir / name, ignore_errors=True)
+                        if attempt <= RETRIES:
+                            time.sleep(30)
+                            continue
+                        break
+                    # Recorded so that the sweep does not rerun it and the report
+                    # can say why it stopped (a deterministic run fails the same
+                    # way again).
+                    (runs_dir / name).mkdir(parents=True, exist_ok=True)
+                    (runs_dir / name / "failed.json").write_text(
+                        json.dumps({"error": str(e)})
+                    )
+                break
             print(f"{name}: {time.perf_counter() - t0:.0f}s", flush=True)
             report(runs_dir, out, command.strip())
     data = report(runs_dir, out, command.strip())
