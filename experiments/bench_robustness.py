@@ -189,7 +189,11 @@ def _fmt(x: float | None, pct: bool = True) -> str:
 
 
 def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
-    """Write the table, the JSON and the plots from the runs in ``runs_dir``."""
+    """Write the table, the JSON and the plots from the runs in ``runs_dir``.
+
+    ``<out stem>_notes.md`` beside ``out``, if it exists, is appended as is (the
+    hand-written account of the misses).
+    """
     rows = _load(runs_dir)
     by: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
     for r in rows:
@@ -294,6 +298,9 @@ def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
         f"{len(rows)} runs in `{_rel(runs_dir)}`. "
         f"To run or continue the sweep (finished runs are skipped): `{command}`",
     ]
+    notes = out.with_name(out.stem + "_notes.md")
+    if notes.exists():  # hand-written commentary (misses and why), kept as is
+        lines += ["", notes.read_text().rstrip()]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     data = {"clean_fedavg": clean, "cells": summary_cells, "runs": rows}

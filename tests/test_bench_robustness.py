@@ -116,6 +116,8 @@ def test_report_scores_cells_failed_runs_and_clean_flags(tmp_path: Path) -> None
     _run(runs, "noise-f40-agent-s0", "noise", 0.4, "agent", [0.1, 0.4])  # unfinished
 
     out = tmp_path / "res" / "robustness.md"
+    out.parent.mkdir()
+    (out.parent / "robustness_notes.md").write_text("## Misses\n\nnone\n")
     data = report(runs, out, "cmd")
 
     (cell,) = data["cells"]
@@ -129,6 +131,7 @@ def test_report_scores_cells_failed_runs_and_clean_flags(tmp_path: Path) -> None
     assert (
         "| noise | 20% | 89.0 | 10.0 | 85.0 | 88.0 | 30.0 | 1.0 | -1.0 | 0.90 |" in text
     )
+    assert text.endswith("## Misses\n\nnone\n")
     assert (out.parent / "robustness.json").exists()
     assert (out.parent / "robustness_accuracy_f20.png").exists()
     assert (out.parent / "robustness_detection.png").exists()
