@@ -462,7 +462,8 @@ class DeterministicPolicy:
         rule = "weighted"
         reputation = {c.id: 1.0 for c in obs.clients}
         if self.detection is not None:
-            suspects = detect(obs.replies, self.detection)
+            record = {c.id for c in obs.clients if c.reputation < 1.0}
+            suspects = detect(obs.replies, self.detection, record)
             flags += suspects
             reputation = {c.id: c.reputation for c in obs.clients}
             if len({f.id for f in flags}) > int(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -41,6 +42,12 @@ ATTACK_KNOBS: dict[str, dict[str, float]] = {
     "noise": {"attack.noise_std": 1.0},
 }
 DETECTION_TARGET = ("sign_flip", "scaling", "noise")
+RETRIES = 2  # runs whose simulation runtime did not start are run again
+
+
+def _infrastructure(error: BaseException) -> bool:
+    """Return whether a failed run is the machine's fault (Ray did not start)."""
+    return "Simulation Runtime crashed" in str(error)
 
 
 def run_name(attack: str, fraction: float, strategy: str, seed: int) -> str:
@@ -100,8 +107,19 @@ def _load(runs_dir: Path) -> list[dict[str, Any]]:
         summary_path = results_path.parent / "summary.json"
         cfg = json.loads((results_path.parent / "config.json").read_text())
         results = [json.loads(x) for x in results_path.read_text().splitlines()]
+        failed_path = results_path.parent / "failed.json"
         if summary_path.exists():
             summary = json.loads(summary_path.read_text())
+        elif failed_path.exists() and results:
+            # The run raised (e.g. the model's weights overflowed to inf/NaN and a
+            # feature could not be computed): scored at its last evaluated accuracy.
+            summary = {
+                "final_accuracy": results[-1]["accuracy"],
+                "wall_s": None,
+                "failed_rounds": sum(bool(r.get("failed")) for r in results),
+                "stopped_at_round": results[-1]["round"],
+                "error": json.loads(failed_path.read_text())["error"],
+            }
         elif len(results) > 1 and results[-1].get("failed"):
             # Stopped after max_failed_rounds failed rounds (e.g. the model became
             # NaN and every client failed): scored at its last evaluated accuracy.
@@ -124,16 +142,34 @@ def _load(runs_dir: Path) -> list[dict[str, Any]]:
                 "wall_s": summary["wall_s"],
                 "failed_rounds": summary.get("failed_rounds", 0),
                 "stopped_at_round": summary.get("stopped_at_round"),
+                "error": summary.get("error"),
                 "accuracy": [r["accuracy"] for r in results],
                 "detection": (summary.get("attack") or {}).get("detection"),
+                "malicious_flags": _malicious_flags(results_path.parent),
             }
         )
     return rows
 
 
+def _malicious_flags(run_dir: Path) -> dict[str, int] | None:
+    """Return the replies and the ``malicious`` flags in a run's decision log."""
+    path = run_dir / "decisions.jsonl"
+    if not path.exists():
+        return None
+    replies = flagged = 0
+    for line in path.read_text().splitlines():
+        d = json.loads(line)
+        if d["phase"] != "aggregate":
+            continue
+        flags = [f["id"] for f in d["decision"]["flags"] if f["kind"] == "malicious"]
+        flagged += len(flags)
+        replies += len(set(d["decision"]["weights"]) | set(flags))
+    return {"replies": replies, "flagged": flagged}
+
+
 def _finished(run_dir: Path) -> bool:
-    """Return whether a run completed, or stopped for good (diverged)."""
-    if (run_dir / "summary.json").exists():
+    """Return whether a run completed, stopped for good (diverged) or raised."""
+    if (run_dir / "summary.json").exists() or (run_dir / "failed.json").exists():
         return True
     results = run_dir / "results.jsonl"
     if not results.exists():
@@ -153,7 +189,11 @@ def _fmt(x: float | None, pct: bool = True) -> str:
 
 
 def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
-    """Write the table, the JSON and the plots from the runs in ``runs_dir``."""
+    """Write the table, the JSON and the plots from the runs in ``runs_dir``.
+
+    ``<out stem>_notes.md`` beside ``out``, if it exists, is appended as is (the
+    hand-written account of the misses).
+    """
     rows = _load(runs_dir)
     by: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
     for r in rows:
@@ -164,6 +204,17 @@ def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
         return statistics.mean(r["final_accuracy"] for r in runs) if runs else None
 
     clean = mean_acc(("none", 0.0, "fedavg"))
+    counts = [
+        r["malicious_flags"]
+        for r in by.get(("none", 0.0, "agent"), [])
+        if r["malicious_flags"]
+    ]
+    clean_flags = (
+        f" ({sum(c['flagged'] for c in counts)} of {sum(c['replies'] for c in counts)}"
+        " honest replies flagged malicious)"
+        if counts
+        else ""
+    )
     cells = sorted(
         {(a, f) for a, f, _ in by if a != "none"},
         key=lambda c: (c[1], ATTACKS.index(c[0]) if c[0] in ATTACKS else 99),
@@ -174,12 +225,15 @@ def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
         "MNIST-5k, 20 clients, Dirichlet 0.5, 10 per round, 30 rounds, CNN; final "
         "centralized accuracy in % (mean over the seeds run, `n` = seeds). The agent "
         "is the deterministic policy with `defense.enabled=true`. Detection: the "
-        "agent's reply-level precision / recall (a reply of a malicious client from "
-        "the attack's start is a positive; rejected or flagged malicious is "
-        "detected).",
+        "agent's reply-level precision / recall, summed over the seeds "
+        "(`fl_server/attack_report.py`): every reply (client, round) from the "
+        "attack's first round is a positive when its client is malicious and is "
+        "detected when the server rejected it or the policy flagged it malicious "
+        "(a straggler flag is not a detection); an excluded client sends no reply, "
+        "so its excluded rounds count neither way.",
         "",
         f"Clean reference: FedAvg {_fmt(clean)}, agent "
-        f"{_fmt(mean_acc(('none', 0.0, 'agent')))}.",
+        f"{_fmt(mean_acc(('none', 0.0, 'agent')))}{clean_flags}.",
         "",
         "| attack | malicious | agent | fedavg | fedtrimmedavg | multikrum | "
         "fedmedian | agent - best Flower (>= -0.5) | agent - clean FedAvg (>= -2 at "
@@ -225,7 +279,8 @@ def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
                 "seeds": n,
             }
         )
-    stopped = [r for r in rows if r["stopped_at_round"]]
+    stopped = [r for r in rows if r["stopped_at_round"] and not r["error"]]
+    crashed = [r for r in rows if r["error"]]
     lines += [
         "",
         *(
@@ -234,10 +289,18 @@ def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
             "model had diverged); scored at its last accuracy."
             for r in stopped
         ),
+        *(
+            f"`{r['name']}` raised after round {r['stopped_at_round']} "
+            f"({r['error'][:160]}); scored at its last accuracy."
+            for r in crashed
+        ),
         "",
         f"{len(rows)} runs in `{_rel(runs_dir)}`. "
         f"To run or continue the sweep (finished runs are skipped): `{command}`",
     ]
+    notes = out.with_name(out.stem + "_notes.md")
+    if notes.exists():  # hand-written commentary (misses and why), kept as is
+        lines += ["", notes.read_text().rstrip()]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     data = {"clean_fedavg": clean, "cells": summary_cells, "runs": rows}
@@ -316,6 +379,31 @@ def _plots(
         plt.close(fig)
 
 
+def _next_utc(hh_mm: str, now: float | None = None) -> float:
+    """Return the epoch time of the next ``HH:MM`` UTC after ``now``."""
+    import datetime as dt
+
+    t = dt.datetime.fromtimestamp(time.time() if now is None else now, dt.UTC)
+    hour, minute = (int(x) for x in hh_mm.split(":"))
+    at = t.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    if at <= t:
+        at += dt.timedelta(days=1)
+    return at.timestamp()
+
+
+def _without_stop_after(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--stop-after":
+            skip = True
+        elif not a.startswith("--stop-after="):
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run (or continue) the sweep and write the report; return the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -332,11 +420,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--no-clean-agent", action="store_true", help="skip the clean agent run"
     )
+    ap.add_argument(
+        "--stop-after",
+        metavar="HH:MM",
+        help="start no run after the next HH:MM UTC (the report is still written)",
+    )
     args = ap.parse_args(argv)
+    deadline = _next_utc(args.stop_after) if args.stop_after else None
     runs_dir = Path(args.runs_dir).resolve()
     out = Path(args.out)
     command = "python -m experiments.bench_robustness " + " ".join(
-        a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"
+        a
+        for a in _without_stop_after(argv if argv is not None else sys.argv[1:])
+        if a != "--report-only"
     )
     if not args.report_only:
         from orchestration.config import RunConfig
@@ -353,13 +449,35 @@ def main(argv: list[str] | None = None) -> int:
             name = run_name(attack, frac, strategy, seed)
             if _finished(runs_dir / name):
                 continue
+            if deadline is not None and time.time() >= deadline:
+                print(f"{args.stop_after} UTC passed: no new runs", flush=True)
+                break
             print(f"[{i}/{len(cells)}] {name}", flush=True)
             t0 = time.perf_counter()
             flat = cell_config(attack, frac, strategy, seed, args.rounds, runs_dir)
-            try:
-                run_experiment(RunConfig.from_flat(flat))
-            except RunFailedError as e:
-                print(f"{name} failed: {e}", flush=True)
+            for attempt in range(1, RETRIES + 2):
+                try:
+                    run_experiment(RunConfig.from_flat(flat))
+                except RunFailedError as e:
+                    if isinstance(e.__cause__, (SystemExit, KeyboardInterrupt)):
+                        raise  # stopped from outside (SIGTERM, Ctrl-C): not a result
+                    print(f"{name} failed: {e}", flush=True)
+                    if _infrastructure(e):
+                        # Ray did not start (overloaded machine): the partial
+                        # rounds are no result; start it again.
+                        shutil.rmtree(runs_dir / name, ignore_errors=True)
+                        if attempt <= RETRIES:
+                            time.sleep(30)
+                            continue
+                        break
+                    # Recorded so that the sweep does not rerun it and the report
+                    # can say why it stopped (a deterministic run fails the same
+                    # way again).
+                    (runs_dir / name).mkdir(parents=True, exist_ok=True)
+                    (runs_dir / name / "failed.json").write_text(
+                        json.dumps({"error": str(e)})
+                    )
+                break
             print(f"{name}: {time.perf_counter() - t0:.0f}s", flush=True)
             report(runs_dir, out, command.strip())
     data = report(runs_dir, out, command.strip())

@@ -18,7 +18,7 @@ from agent_strategy import (
     is_excluded,
     next_state,
 )
-from agent_strategy.detection import robust_z
+from agent_strategy.detection import core_mask, reference, robust_z
 from fl_server.attack_report import detection_scores
 from fl_server.features import duplicate_counts, krum_ratios, update_features
 
@@ -67,9 +67,8 @@ def test_honest_round_raises_no_flag() -> None:
     [
         (dict(norm=8.0), "robust SDs above"),
         (dict(norm=0.0, cos=0.0), "little or no work"),
-        (dict(cos=-0.5), "cosine to the coordinate median -0.50"),
-        (dict(cos=-0.1, norm=1.3), "with a norm above the median"),
-        (dict(krum_ratio=50.0), "Krum score 50x"),
+        (dict(cos=-0.5), "cosine to the coordinate median -0.50 < -0.30"),
+        (dict(cos=-0.1, norm=2.0), "-0.10 < 0.00 with a norm 1.95x the reference norm"),
     ],
 )
 def test_each_detector_flags_its_outlier_with_a_reason(
@@ -83,10 +82,26 @@ def test_each_detector_flags_its_outlier_with_a_reason(
     assert flags[0].kind == "malicious" and words in flags[0].reason
 
 
+@pytest.mark.parametrize(
+    "honest",
+    [
+        dict(norm=3.5, cos=0.1),  # a large norm alone (99% of honest are < 3x)
+        dict(norm=1.2, cos=-0.1),  # slightly reversed, ordinary norm (non-IID)
+        dict(norm=1.6, cos=-0.02),  # larger, but hardly reversed
+        dict(norm=0.6, cos=-0.45),  # strongly reversed but small
+        dict(krum_ratio=50.0),  # far from the others, ordinary norm and direction
+    ],
+)
+def test_one_odd_feature_of_an_honest_client_is_not_enough(
+    honest: dict[str, float],
+) -> None:
+    assert detect([*_honest(7), _reply("c9", **honest)]) == ()
+
+
 def test_duplicates_are_flagged_first_and_flags_are_ordered_by_severity() -> None:
     replies = [
         *_honest(6),
-        _reply("c7", norm=3.0),
+        _reply("c7", norm=7.0),
         _reply("c8", duplicates=1),
         _reply("c9", duplicates=1),
     ]
@@ -97,10 +112,96 @@ def test_duplicates_are_flagged_first_and_flags_are_ordered_by_severity() -> Non
     assert "identical to 1 other reply" in flags[0].reason
 
 
-def test_few_replies_use_only_absolute_rules() -> None:
+def test_few_replies_compare_with_the_median_without_z_scores() -> None:
     replies = [_reply("c0", 1.0), _reply("c1", 9.0), _reply("c2", 1.0, cos=-0.2)]
 
-    assert [f.id for f in detect(replies)] == ["c2"]
+    # median norm 1: c1 is 9x (>= 6x), c2 is reversed but not amplified
+    assert [f.id for f in detect(replies)] == ["c1"]
+    assert detect(replies[:1]) == ()
+
+
+def test_reference_is_the_central_half_and_ignores_duplicates() -> None:
+    replies = [
+        _reply("c0", 1.0, distance_rank=1),
+        _reply("c1", 2.0, distance_rank=2),
+        _reply("c2", 4.0, distance_rank=3, duplicates=1),
+        _reply("c3", 50.0, distance_rank=4),
+        _reply("c4", 60.0, distance_rank=5),
+        _reply("c5", 70.0, distance_rank=6),
+    ]
+
+    assert core_mask(replies).tolist() == [True, True, False, False, False, False]
+    ref, spread, use_z, far = reference(replies)
+    # core log-norms 0 and log 2: median log 2 / 2, MAD log 2 / 2; the round's
+    # median (27) is over 2x the core's (1.41): far-away replies are a majority
+    assert ref == pytest.approx(2**0.5) and use_z and far
+    assert spread == pytest.approx(np.log(2) / 2 / 0.6745)
+    assert reference(replies[:3]) == (2.0, np.inf, False, False)
+    # an ordinary round: the reference is the round's median (non-IID clients with
+    # more data have larger norms and are less central)
+    ordinary = [_reply(f"c{i}", 1.0 + 0.1 * i, distance_rank=i + 1) for i in range(6)]
+    assert reference(ordinary)[0] == pytest.approx(1.25)
+    assert not reference(ordinary)[3]
+    dups = [_reply(f"c{i}", 1.0, duplicates=1) for i in range(4)]
+    assert core_mask(dups).all()
+
+
+def test_attackers_that_are_a_majority_of_the_round_are_still_caught() -> None:
+    """6 of 10 replies are noise: the round's median is theirs, the core's is not."""
+    rng = np.random.default_rng(5)
+    direction = rng.normal(size=300)
+    honest = 0.05 * (direction + 0.8 * rng.normal(size=(4, 300)))
+    noise = rng.normal(size=(6, 300))
+    replies = _from_features(np.vstack([honest, noise]))
+
+    assert sorted(f.id for f in detect(replies)) == [f"c{i}" for i in range(4, 10)]
+    # the honest ones are not taken for free-riders (they are 1/20 of the median)
+    assert all("little or no work" not in f.reason for f in detect(replies))
+
+
+def test_reversed_attackers_that_are_a_majority_are_caught_by_their_norm() -> None:
+    """6 of 10 send -4x their update: the coordinate median points their way."""
+    rng = np.random.default_rng(6)
+    direction = rng.normal(size=300)
+    honest = direction + 1.5 * rng.normal(size=(10, 300))
+    u = np.vstack([honest[:4], -4 * honest[4:]])
+    replies = _from_features(u)
+    assert min(r.cosine_to_median for r in replies[4:]) > 0  # direction is useless
+
+    assert sorted(f.id for f in detect(replies)) == [f"c{i}" for i in range(4, 10)]
+
+
+def test_a_client_with_a_record_is_flagged_for_a_smaller_outsized_update() -> None:
+    replies = [*_honest(7), _reply("c9", norm=2.5, cos=0.3)]
+
+    assert detect(replies) == ()  # a one-off 2.5x update
+    (flag,) = detect(replies, record={"c9", "c1"})
+    assert flag.id == "c9" and "from a client flagged before" in flag.reason
+    assert detect([*_honest(7), _reply("c9", norm=1.5)], record={"c9"}) == ()
+
+
+def test_the_policy_passes_the_clients_with_a_record() -> None:
+    clients = tuple(
+        ClientState(id=f"c{i}", num_examples=100, reputation=0.5 if i == 9 else 1.0)
+        for i in range(10)
+    )
+    obs = plain_aggregate_obs([*_honest(7), _reply("c9", norm=2.5)])
+    obs = obs.model_copy(update={"clients": clients})
+
+    flags = DeterministicPolicy(detection=DetectionParams()).decide(obs).flags
+
+    assert [f.id for f in flags] == ["c9"]
+
+
+def test_invalid_parameters_are_refused() -> None:
+    with pytest.raises(ValueError, match="low_norm_ratio"):
+        DetectionParams(low_norm_ratio=1.5)
+    with pytest.raises(ValueError, match="big_norm_ratio"):
+        DetectionParams(big_norm_ratio=0.5)
+    with pytest.raises(ValueError, match="majority_norm_ratio"):
+        DetectionParams(majority_norm_ratio=0.9)
+    with pytest.raises(ValueError, match="z_threshold"):
+        DetectionParams(z_threshold=0.0)
 
 
 def test_duplicate_counts_and_krum_ratios_on_known_rows() -> None:
@@ -126,24 +227,28 @@ def test_duplicate_counts_and_krum_ratios_on_known_rows() -> None:
     }
 
 
-def test_features_of_a_sign_flip_are_detected_end_to_end() -> None:
-    rng = np.random.default_rng(1)
-    direction = rng.normal(size=200)
-    honest = direction + 0.8 * rng.normal(size=(8, 200))
-    u = np.vstack([honest, -4 * honest[0], -4 * honest[1]])
+def _from_features(u: np.ndarray) -> list[ReplyFeatures]:
     feats = update_features(u)
-    replies = [
+    return [
         _reply(
             f"c{i}",
             float(feats["update_norm"][i]),
             float(feats["cosine_to_median"][i]),
             krum_ratio=float(feats["krum_ratio"][i]),
             distance_rank=int(feats["distance_rank"][i]),
+            duplicates=int(feats["duplicates"][i]),
         )
-        for i in range(10)
+        for i in range(u.shape[0])
     ]
 
-    assert sorted(f.id for f in detect(replies)) == ["c8", "c9"]
+
+def test_features_of_a_sign_flip_are_detected_end_to_end() -> None:
+    rng = np.random.default_rng(1)
+    direction = rng.normal(size=200)
+    honest = direction + 0.8 * rng.normal(size=(8, 200))
+    u = np.vstack([honest, -4 * honest[0], -4 * honest[1]])
+
+    assert sorted(f.id for f in detect(_from_features(u))) == ["c8", "c9"]
 
 
 def test_reputation_excludes_after_repeated_flags_and_readmits_on_probation() -> None:
