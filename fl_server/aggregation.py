@@ -177,8 +177,14 @@ def trimmed_mean(updates: np.ndarray, beta: float) -> np.ndarray:
 
 
 def l2_norms(updates: np.ndarray) -> np.ndarray:
-    """Return the L2 norm of each row."""
-    return np.asarray(np.linalg.norm(updates, axis=1))
+    """Return the L2 norm of each row.
+
+    Sums of squares are float64: never inf for finite float32 rows.
+    """
+    u = np.asarray(updates)
+    if u.ndim != 2:
+        return np.asarray(np.linalg.norm(u, axis=-1))
+    return np.sqrt(np.einsum("ij,ij->i", u, u, dtype=np.float64))
 
 
 def cosine_to(
@@ -189,8 +195,11 @@ def cosine_to(
     ``norms`` are the rows' L2 norms if the caller has them (one pass less).
     """
     row_norms = l2_norms(updates) if norms is None else norms
-    denom = row_norms * float(np.linalg.norm(centre))
-    dots = np.einsum("ij,j->i", updates, centre)  # not BLAS: see weighted_mean
+    c = np.asarray(centre)
+    denom = row_norms * float(np.sqrt(np.einsum("i,i->", c, c, dtype=np.float64)))
+    # Not BLAS (see weighted_mean); float64 sums so that huge updates give a
+    # finite cosine, not inf / inf.
+    dots = np.einsum("ij,j->i", updates, centre, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         cos = np.where(denom > 0, dots / np.where(denom > 0, denom, 1.0), 0.0)
     return np.clip(cos, -1.0, 1.0)

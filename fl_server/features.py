@@ -83,8 +83,15 @@ def update_features(
     sorting network pruned to the middle rows (:func:`coordinate_median`).
     """
     u = np.asarray(updates)
-    sq = np.einsum("ij,ij->i", u, u) if u.ndim == 2 else l2_norms(u) ** 2
-    norms = np.sqrt(np.asarray(sq, dtype=np.float64))
+    # Squared norms accumulated in float64: float32 sums of squares overflow to inf
+    # for an update of norm above 1.8e19 (an attacker's), and inf / inf would make
+    # the cosine NaN.
+    sq = (
+        np.einsum("ij,ij->i", u, u, dtype=np.float64)
+        if u.ndim == 2
+        else np.asarray(l2_norms(u), dtype=np.float64) ** 2
+    )
+    norms = np.sqrt(sq)
     if not geometry:
         return {"update_norm": norms}
     ratios, ranks = krum_ratios(u, sq)

@@ -46,7 +46,12 @@ def pairwise_sq_distances(
     if u.ndim != 2:
         raise ValueError(f"updates must be 2-D (n, d), got shape {u.shape}")
     sq = np.einsum("ij,ij->i", u, u) if sq_norms is None else np.asarray(sq_norms)
-    dist = sq[:, None] + sq[None, :] - 2.0 * (u @ u.T)
+    with np.errstate(over="ignore"):  # checked just below
+        gram = u @ u.T
+    if not np.all(np.isfinite(gram)):  # float32 overflow: huge updates
+        u64 = u.astype(np.float64)
+        gram, sq = u64 @ u64.T, np.einsum("ij,ij->i", u64, u64)
+    dist = sq[:, None] + sq[None, :] - 2.0 * gram
     np.maximum(dist, 0.0, out=dist)
     np.fill_diagonal(dist, 0.0)
     return np.asarray(dist)

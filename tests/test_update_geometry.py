@@ -98,3 +98,16 @@ def test_build_strategy_measures_geometry_only_with_defense(tmp_path) -> None:  
     assert isinstance(plain, AgentStrategy) and isinstance(defended, AgentStrategy)
     assert not plain.update_geometry
     assert defended.update_geometry
+
+
+def test_huge_finite_updates_give_finite_features() -> None:
+    # An attacker's update of norm ~1e33 (finite float32): float32 sums of squares
+    # overflow, the features must not turn into inf / inf = NaN.
+    u = _updates(4)
+    u[0] *= np.float32(1e32)
+    feats = update_features(u)
+    for name, values in feats.items():
+        assert np.all(np.isfinite(values)), name
+    assert feats["update_norm"][0] > 1e33
+    assert feats["distance_rank"][0] == 9  # the farthest
+    assert np.all(np.abs(feats["cosine_to_median"]) <= 1.0)
