@@ -282,7 +282,11 @@ class DefenseConfig(_Section):
         3.5, gt=0, description="robust z-score (median/MAD) beyond which a reply is odd"
     )
     min_cosine: float = Field(
-        0.0, ge=-1, le=1, description="replies less aligned with the median are flagged"
+        0.0,
+        ge=-1,
+        le=1,
+        description="cosine to the median below which an amplified reply (norm >= "
+        "1.5x the reference) is flagged; 0.3 lower, any norm >= the reference",
     )
     exclude_after: int = Field(
         2, ge=1, description="consecutive flags (or rejections) before exclusion"

@@ -73,10 +73,15 @@ def _policy(fallback: DeterministicPolicy | None = None) -> LLMPolicy:
 
 
 def _suspicious_obs(max_flag_share: float) -> Observation:
-    """Five replies, two reversed: more suspects than a 0.2 flag share allows."""
+    """Five replies, two reversed and amplified: more suspects than a 0.2 flag share
+    allows (the detectors flag a reversed update only with a large norm)."""
     base = aggregate_obs(limits=limits(max_flag_share=max_flag_share))
     replies = tuple(
-        r.model_copy(update={"cosine_to_median": -0.9}) if r.id in ("c1", "c3") else r
+        r.model_copy(
+            update={"cosine_to_median": -0.9, "update_norm": 2.0 * r.update_norm}
+        )
+        if r.id in ("c1", "c3")
+        else r
         for r in base.replies
     )
     return base.model_copy(update={"replies": replies})
