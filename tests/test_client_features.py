@@ -11,6 +11,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 from inprocess import InProcessGrid
+from support.client_runs import capture_train_replies, tiny_config
 from support.factories import plain_train_obs
 
 from agent_strategy import DeterministicPolicy, guard
@@ -23,34 +24,9 @@ from orchestration.config import ConfigError, RunConfig
 Mod = Callable[[Message, Context, ClientAppCallable], Message]
 
 
-def _cfg(tmp_path: Path, name: str, **kw: object) -> RunConfig:
-    flat: dict[str, object] = {
-        "dataset.name": "digits",
-        "model.name": "mlp",
-        "num_clients": 4,
-        "clients_per_round": 4,
-        "num_rounds": 3,
-        "output_dir": str(tmp_path),
-        "run_name": name,
-        "policy.name": "deterministic",
-    }
-    flat.update(kw)
-    return RunConfig.from_flat(flat)
-
-
 def _results(cfg: RunConfig) -> list[dict[str, object]]:
     path = Path(cfg.output_dir) / cfg.run_name / "results.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def _capture(replies: list[Message]) -> Mod:
-    def mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
-        reply = call_next(msg, ctx)
-        if msg.metadata.message_type == "train" and not reply.has_error():
-            replies.append(reply)
-        return reply
-
-    return mod
 
 
 def _run(cfg: RunConfig, mods: list[Mod] | None = None) -> InProcessGrid:
@@ -60,17 +36,17 @@ def _run(cfg: RunConfig, mods: list[Mod] | None = None) -> InProcessGrid:
 
 
 def test_compressed_runs_learn_with_compact_uploads(tmp_path: Path) -> None:
-    dense = _cfg(tmp_path, "dense")
+    dense = tiny_config(tmp_path, "dense")
     _run(dense)
     base = _results(dense)
     for codec, fraction, ratio in (("q8", 0.01, 3.9), ("topk", 0.05, 9.0)):
-        cfg = _cfg(
+        cfg = tiny_config(
             tmp_path,
             codec,
             **{"compression.codec": codec, "compression.topk_fraction": fraction},
         )
         replies: list[Message] = []
-        _run(cfg, [_capture(replies)])
+        _run(cfg, [capture_train_replies(replies)])
         rows = _results(cfg)
         assert rows[-1]["accuracy"] > rows[0]["accuracy"] + 0.2, codec
         assert all(r["failures"] == 0 and r["accepted"] == 4 for r in rows[1:])
@@ -122,7 +98,7 @@ def _tamper(kind: str, pid: int = 0) -> Mod:
 def test_corrupt_compressed_update_is_rejected(
     tmp_path: Path, kind: str, reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = _cfg(tmp_path, kind, num_rounds=1, **{"compression.codec": "topk"})
+    cfg = tiny_config(tmp_path, kind, num_rounds=1, **{"compression.codec": "topk"})
 
     _run(cfg, [_tamper(kind)])
 
@@ -149,8 +125,8 @@ def test_missing_residual_falls_back_to_plain_topk(
         return call_next(msg, ctx)
 
     replies: list[Message] = []
-    cfg = _cfg(tmp_path, "restart", **{"compression.codec": "topk"})
-    _run(cfg, [forget, _capture(replies)])
+    cfg = tiny_config(tmp_path, "restart", **{"compression.codec": "topk"})
+    _run(cfg, [forget, capture_train_replies(replies)])
     missing = [
         int(r.content.metric_records["metrics"]["ef-residual-missing"])  # type: ignore[call-overload]
         for r in replies
@@ -162,9 +138,9 @@ def test_missing_residual_falls_back_to_plain_topk(
 
 
 def test_personal_layers_never_leave_the_client(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, "fedper", **{"personalization.mode": "fedper"})
+    cfg = tiny_config(tmp_path, "fedper", **{"personalization.mode": "fedper"})
     replies: list[Message] = []
-    grid = _run(cfg, [_capture(replies)])
+    grid = _run(cfg, [capture_train_replies(replies)])
     assert replies
     for reply in replies:
         keys = set(reply.content.array_records["arrays"].keys())
@@ -180,13 +156,13 @@ def test_personal_layers_never_leave_the_client(tmp_path: Path) -> None:
 
 
 def test_ditto_reports_global_and_personal_accuracy(tmp_path: Path) -> None:
-    cfg = _cfg(
+    cfg = tiny_config(
         tmp_path,
         "ditto",
         **{"personalization.mode": "ditto", "compression.codec": "q8"},
     )
     replies: list[Message] = []
-    grid = _run(cfg, [_capture(replies)])
+    grid = _run(cfg, [capture_train_replies(replies)])
     assert all("personal-loss" in r.content.metric_records["metrics"] for r in replies)
     assert all(MODEL_KEY in ctx.state for ctx in grid.contexts.values())
     last = _results(cfg)[-1]

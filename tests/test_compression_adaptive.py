@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.client_runs import tiny_config
 from support.factories import limits, plain_train_obs
 
 from agent_strategy import (
@@ -187,20 +188,14 @@ def test_adaptive_codecs_are_refused_where_compression_is(
 def test_adaptive_run_sends_each_client_its_codec(tmp_path: Path) -> None:
     from inprocess import InProcessGrid
 
-    cfg = RunConfig.from_flat(
-        {
-            "dataset.name": "digits",
-            "model.name": "mlp",
-            "num_clients": 4,
-            "clients_per_round": 4,
-            "num_rounds": 3,
-            "output_dir": str(tmp_path),
-            "run_name": "adaptive",
-            "policy.name": "deterministic",
+    cfg = tiny_config(
+        tmp_path,
+        "adaptive",
+        **{
             "devices.enabled": True,
             "devices.bandwidth_sigma": 2.0,
             "compression.adaptive": True,
-        }
+        },
     )
     run_server(InProcessGrid(make_client_app(cfg), cfg.num_clients), cfg)
     run = tmp_path / "adaptive"

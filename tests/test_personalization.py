@@ -13,6 +13,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 from inprocess import InProcessGrid
+from support.client_runs import capture_train_replies, tiny_config
 
 from fl_client.client_app import make_client_app
 from fl_client.personal import LAYERS_KEY, personal_keys, train_rep
@@ -108,33 +109,14 @@ def test_server_keeps_its_copy_of_the_head_under_fedrep() -> None:
     assert tuple(kept) == HEAD
 
 
-def _capture(replies: list[Message]) -> Mod:
-    def mod(msg: Message, ctx: Context, call_next: ClientAppCallable) -> Message:
-        reply = call_next(msg, ctx)
-        if msg.metadata.message_type == "train" and not reply.has_error():
-            replies.append(reply)
-        return reply
-
-    return mod
-
-
 def test_fedrep_head_never_leaves_the_client(tmp_path: Path) -> None:
-    cfg = RunConfig.from_flat(
-        {
-            "dataset.name": "digits",
-            "model.name": "mlp",
-            "num_clients": 4,
-            "clients_per_round": 4,
-            "num_rounds": 3,
-            "output_dir": str(tmp_path),
-            "run_name": "fedrep",
-            "policy.name": "deterministic",
-            "personalization.mode": "fedrep",
-            "personalization.head_epochs": 2,
-        }
+    cfg = tiny_config(
+        tmp_path,
+        "fedrep",
+        **{"personalization.mode": "fedrep", "personalization.head_epochs": 2},
     )
     replies: list[Message] = []
-    grid = InProcessGrid(make_client_app(cfg, mods=[_capture(replies)]), 4)
+    grid = InProcessGrid(make_client_app(cfg, mods=[capture_train_replies(replies)]), 4)
     run_server(grid, cfg)
 
     assert len(replies) == 12
