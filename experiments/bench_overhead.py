@@ -512,7 +512,7 @@ def render(summary: dict[str, Any], seeds: list[int], rounds: int) -> str:
         f"{1e3 * summary['server_pooled_eval_s']['fedavg']:.1f} ms).",
     ]
     cpu = summary["ratios"]["agent"].get("server_cpu_s")
-    if cpu is not None and cpu == cpu:  # not NaN (reports from before the column)
+    if cpu is not None and not math.isnan(cpu):  # NaN: a report before the column
         lines += [
             "",
             f"Server-thread CPU time per round (`time.thread_time`, the same span "

@@ -83,15 +83,10 @@ def update_features(
     sorting network pruned to the middle rows (:func:`coordinate_median`).
     """
     u = np.asarray(updates)
-    # Squared norms accumulated in float64: float32 sums of squares overflow to inf
-    # for an update of norm above 1.8e19 (an attacker's), and inf / inf would make
-    # the cosine NaN.
-    sq = (
-        np.einsum("ij,ij->i", u, u, dtype=np.float64)
-        if u.ndim == 2
-        else np.asarray(l2_norms(u), dtype=np.float64) ** 2
-    )
-    norms = np.sqrt(sq)
+    # l2_norms sums squares in float64: finite for any finite float32 update, so
+    # the cosine never becomes inf / inf.
+    norms = l2_norms(u)
+    sq = norms**2
     if not geometry:
         return {"update_norm": norms}
     ratios, ranks = krum_ratios(u, sq)
