@@ -69,7 +69,7 @@ def krum_ratios(
 
 
 def update_features(
-    updates: np.ndarray, geometry: bool = True
+    updates: np.ndarray, geometry: bool = True, norms: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
     """Return every per-row feature: norm, cosine to the median, Krum, duplicates.
 
@@ -81,11 +81,13 @@ def update_features(
     One pass computes the rows' squared norms, shared by the norms, the cosines,
     Krum's distances and the duplicate check; the coordinate median comes from a
     sorting network pruned to the middle rows (:func:`coordinate_median`).
+    ``norms`` are the rows' :func:`~fl_server.aggregation.l2_norms` if the caller
+    has them already.
     """
     u = np.asarray(updates)
     # l2_norms sums squares in float64: finite for any finite float32 update, so
     # the cosine never becomes inf / inf.
-    norms = l2_norms(u)
+    norms = l2_norms(u) if norms is None else np.asarray(norms)
     sq = norms**2
     if not geometry:
         return {"update_norm": norms}

@@ -45,13 +45,20 @@ from agent_strategy import (
     next_state,
 )
 
-from .aggregation import flatten_arrays, unflatten_vector
+from .aggregation import flatten_arrays, l2_norms, unflatten_vector
 from .client_features import ClientFeatures
 from .combine import combine
 from .devices import Timing
 from .features import update_features
 from .privacy_metrics import record_client_epsilon
-from .validation import InvalidReply, ModelSpec, ValidReply, validate_train_reply
+from .validation import (
+    InvalidReply,
+    ModelSpec,
+    ValidReply,
+    finite_rows,
+    non_finite_array,
+    validate_train_reply,
+)
 
 log = logging.getLogger("agentfl.strategy")
 
@@ -195,6 +202,7 @@ class AgentStrategy(Strategy):
         self._num_rounds = 1
         self._last_accuracy: float | None = None
         self._returned: ArrayRecord | None = None
+        self._buffer: np.ndarray | None = None  # the round's update matrix
         # Orchestration hooks (orchestration.session): the plan shown to the
         # policy, a model to restart from (rollback), decisions to replay (resume).
         self.plan: dict[str, Any] = {"plan": "default"}
@@ -325,8 +333,10 @@ class AgentStrategy(Strategy):
         by_msg = {m.metadata.message_id: c for c, m in self._sent.items()}
         valid: dict[str, ValidReply] = {}
         replies = list(replies)
-        # One float32 row per reply, filled by validation: no per-reply copies.
-        matrix = np.empty((len(replies), self._global.size), dtype=np.float32)
+        # One float32 row per reply, filled by validation: no per-reply copies. The
+        # buffer is kept for the next round (nothing holds its rows after this
+        # call), which spares the allocator and page faults a fresh one each round.
+        matrix = self._matrix(len(replies))
         row_of: dict[str, int] = {}
         for reply in replies:
             cid = by_node.get(reply.metadata.src_node_id) or by_msg.get(
@@ -349,6 +359,7 @@ class AgentStrategy(Strategy):
                     self._spec,
                     out=matrix[len(row_of)],
                     max_examples=2 * self.clients[cid].registered_examples or None,
+                    check_finite=False,  # below, from the float64 norms
                 )
             except InvalidReply as e:
                 self._fail(cid, f"rejected: {e}", rejected=True)
@@ -366,6 +377,28 @@ class AgentStrategy(Strategy):
             valid[cid] = checked
             row_of[cid] = len(row_of)
             record_client_epsilon(self.info.epsilons, cid, reply.content)
+        # Rows stay in arrival order; row_of maps a client to its row.
+        updates = matrix[: len(row_of)]
+        updates -= self._global
+        # The norms' float64 sums of squares are the finiteness check (one pass
+        # for both); a row with NaN or inf is rejected before any feature or
+        # aggregate sees it.
+        norms = l2_norms(updates)
+        finite = finite_rows(norms**2)
+        if not finite.all():
+            for cid, row in list(row_of.items()):
+                if not finite[row]:
+                    name = non_finite_array(updates[row] + self._global, self._spec)
+                    self._fail(
+                        cid,
+                        f"rejected: array {name!r} has non-finite values (or an "
+                        "update beyond the float32 range)",
+                        rejected=True,
+                    )
+                    del valid[cid]
+            keep = [row for row in row_of.values() if finite[row]]
+            updates, norms = updates[keep], norms[keep]
+            row_of = {c: i for i, c in enumerate(c for c in row_of if c in valid)}
         for cid in self.info.selected:
             if cid not in valid and cid not in self.info.failures:
                 self._fail(cid, "no reply before the round timeout")
@@ -374,10 +407,7 @@ class AgentStrategy(Strategy):
             return None, None
 
         ids = sorted(valid, key=lambda c: int(c[1:]))
-        # Rows stay in arrival order; row_of maps a client to its row.
-        updates = matrix[: len(row_of)]
-        updates -= self._global
-        feats = update_features(updates, geometry=self.update_geometry)
+        feats = update_features(updates, geometry=self.update_geometry, norms=norms)
 
         def geo(name: str, c: str) -> Any:
             return feats[name][row_of[c]].item() if name in feats else None
@@ -445,6 +475,15 @@ class AgentStrategy(Strategy):
             }
         )
         return arrays, metrics
+
+    def _matrix(self, rows: int) -> np.ndarray:
+        """Return a float32 ``(rows, model size)`` buffer, reused across rounds."""
+        assert self._global is not None
+        size = self._global.size
+        buf = self._buffer
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != size:
+            buf = self._buffer = np.empty((max(rows, 1), size), dtype=np.float32)
+        return buf[:rows]
 
     def aggregate_observation(
         self,

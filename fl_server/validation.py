@@ -101,6 +101,7 @@ def validate_train_reply(
     spec: ModelSpec,
     out: np.ndarray | None = None,
     max_examples: int | None = None,
+    check_finite: bool = True,
 ) -> ValidReply:
     """Return the reply's weights and metrics, or raise :class:`InvalidReply`.
 
@@ -121,6 +122,11 @@ def validate_train_reply(
         every check passes. By default a new float32 vector is returned.
     max_examples : int, optional
         The most ``num-examples`` a client may claim.
+    check_finite : bool, default True
+        Check every value is finite. A caller that checks the filled ``out`` row
+        itself (the strategy does, with the float64 sums of squares it needs for the
+        update norms anyway: :func:`finite_rows`) passes False and saves a pass over
+        the reply.
     """
     if len(content.array_records) != 1:
         raise InvalidReply(f"expected 1 ArrayRecord, got {len(content.array_records)}")
@@ -144,7 +150,7 @@ def validate_train_reply(
             raise InvalidReply(f"array {name!r} has shape {a.shape}, expected {shape}")
         if a.dtype != dtype:
             raise InvalidReply(f"array {name!r} has dtype {a.dtype}, expected {dtype}")
-        if not np.all(np.isfinite(a)):
+        if check_finite and not np.all(np.isfinite(a)):
             raise InvalidReply(f"array {name!r} has non-finite values")
         arrays.append(a)
     metrics = next(iter(content.metric_records.values()))
@@ -173,3 +179,28 @@ def validate_train_reply(
         np.concatenate([a.ravel() for a in arrays], out=out, casting="same_kind")
         vector = out
     return ValidReply(vector, n, float(loss), float(dur), pid)
+
+
+def finite_rows(sq_norms: np.ndarray) -> np.ndarray:
+    """Return which rows of a float32 matrix hold only finite values.
+
+    ``sq_norms`` are the rows' sums of squares accumulated in float64
+    (:func:`fl_server.aggregation.l2_norms` squared): a NaN or an infinity in a row
+    makes its sum NaN or inf, and finite float32 values never overflow a float64
+    sum (at most ``3.4e38 ** 2 * size``), so the test is exact.
+    """
+    return np.isfinite(np.asarray(sq_norms, dtype=np.float64))
+
+
+def non_finite_array(vector: np.ndarray, spec: ModelSpec) -> str:
+    """Return the name of the first array of ``vector`` that holds a non-finite value.
+
+    For the rejection message of a row :func:`finite_rows` refused; ``""`` if none.
+    """
+    start = 0
+    for name, shape in zip(spec.names, spec.shapes, strict=True):
+        stop = start + int(np.prod(shape))
+        if not np.all(np.isfinite(vector[start:stop])):
+            return name
+        start = stop
+    return ""

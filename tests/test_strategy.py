@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 from inprocess import InProcessGrid
 
@@ -47,8 +47,10 @@ def _fail_mod(pids: set[int], kind: str):  # type: ignore[no-untyped-def]
             )
         reply = call_next(msg, ctx)
         arrays = reply.content["arrays"]
-        bad = [np.full_like(a, np.nan) for a in arrays.to_numpy_ndarrays()]
-        reply.content["arrays"] = ArrayRecord(bad)
+        # The same keys, shapes and dtypes: only the values are bad.
+        reply.content["arrays"] = ArrayRecord(
+            {k: Array(np.full_like(v.numpy(), np.nan)) for k, v in arrays.items()}
+        )
         return reply
 
     return mod
@@ -86,7 +88,7 @@ def test_agent_run_learns_and_writes_results(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["raise", "error", "nan"])
 def test_a_bad_client_is_counted_and_the_round_goes_on(
-    tmp_path: Path, kind: str
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg = _cfg(tmp_path, clients_per_round=6)
     grid = InProcessGrid(make_client_app(cfg, mods=[_fail_mod({0}, kind)]), 6)
@@ -96,6 +98,13 @@ def test_a_bad_client_is_counted_and_the_round_goes_on(
     rows = _results(cfg)
     assert all(r["failures"] == 1 and r["accepted"] == 5 for r in rows[1:])
     assert rows[-1]["accuracy"] > rows[0]["accuracy"]
+    if kind == "nan":  # rejected by the norms' finiteness check, array named
+        rejections = [
+            r.getMessage()
+            for r in caplog.records
+            if "client c0: rejected: array" in r.getMessage()
+        ]
+        assert len(rejections) == 3 and "has non-finite values" in rejections[0]
 
 
 def test_too_few_replies_stop_the_run_naming_the_failures(tmp_path: Path) -> None:

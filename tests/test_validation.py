@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from fl_server.validation import InvalidReply, ModelSpec, validate_train_reply
+from fl_server.validation import (
+    InvalidReply,
+    ModelSpec,
+    finite_rows,
+    non_finite_array,
+    validate_train_reply,
+)
 
 GLOBAL = ArrayRecord([np.zeros((2, 3), np.float32), np.zeros(4, np.float32)])
 SPEC = ModelSpec.of(GLOBAL)
@@ -146,3 +152,38 @@ def test_other_layouts_take_flowers_path_and_are_checked() -> None:
     )
     with pytest.raises(InvalidReply, match="cannot be decoded"):
         validate_train_reply(content, SPEC)
+
+
+def test_finite_rows_is_exact_for_float32_rows() -> None:
+    big = np.finfo(np.float32).max
+    m = np.array(
+        [
+            [big, -big, big, big],  # finite: float64 sums of squares do not overflow
+            [0.0, np.nan, 0.0, 0.0],
+            [np.inf, 0.0, 0.0, 0.0],
+            [-np.inf, np.inf, 0.0, 0.0],  # inf - inf: NaN in the sum
+            [1.0, 2.0, 3.0, 4.0],
+        ],
+        dtype=np.float32,
+    )
+    sq = np.einsum("ij,ij->i", m, m, dtype=np.float64)
+
+    assert finite_rows(sq).tolist() == [True, False, False, False, True]
+
+
+def test_non_finite_array_names_the_array() -> None:
+    v = np.zeros(10, np.float32)
+    assert non_finite_array(v, SPEC) == ""
+    v[7] = np.nan  # the second array (b) starts at index 6
+    assert non_finite_array(v, SPEC) == SPEC.names[1]
+    v[0] = np.inf
+    assert non_finite_array(v, SPEC) == SPEC.names[0]
+
+
+def test_check_finite_false_leaves_the_check_to_the_caller() -> None:
+    out = np.zeros(10, np.float32)
+    bad = _content([np.full((2, 3), np.nan, np.float32), np.ones(4, np.float32)])
+
+    r = validate_train_reply(bad, SPEC, out=out, check_finite=False)
+
+    assert np.isnan(r.vector[:6]).all() and r.vector is out
