@@ -1,7 +1,8 @@
 """Benchmark: personalized vs global accuracy on the clients' own test splits.
 
-``python -m experiments.bench_personalization --seeds 0 1 2`` runs MNIST-5k with 20
-clients split by Dirichlet(``--alpha`` 0.1), 10 per round, 30 rounds, agent strategy
+``python -m experiments.bench_personalization --seeds 0 1 2`` runs MNIST-5k
+(``--dataset``; ``cifar10`` where the Hugging Face hub is reachable) with 20 clients
+split by Dirichlet(``--alpha`` 0.1), 10 per round, 30 rounds, agent strategy
 with the deterministic policy, once per mode and seed: ``none`` (the global model, the
 examples-weighted mean of the updates as in FedAvg), ``fedper`` (the final layer stays
 on each client), ``fedrep`` (as fedper, the head trained ``--head-epochs`` with the
@@ -48,23 +49,36 @@ def run_isolated(cfg: RunConfig) -> dict[str, Any]:
     each run gets its own process (and its own Ray instance).
     """
     child = [sys.executable, "-c", _CHILD, json.dumps(cfg.to_flat())]
-    subprocess.run(child, check=True)
+    code = subprocess.run(child, check=False).returncode
+    if code != 0:
+        raise SystemExit(
+            f"run {cfg.run_name} failed (exit status {code}); its error is above"
+        )
     summary = finished_run(cfg)
     if summary is None:
         raise RuntimeError(f"run {cfg.run_name} wrote no complete summary")
     return summary
 
 
-def reused_runs(path: Path, rounds: int) -> dict[tuple[str, int], dict[str, Any]]:
+def reused_runs(
+    path: Path, rounds: int, dataset: str = "mnist5k"
+) -> dict[tuple[str, int], dict[str, Any]]:
     """Return the runs of an earlier output ``path`` by ``(mode, seed)``.
 
     Raises
     ------
     ValueError
-        If a stored run has another number of rounds than ``rounds``.
+        If a stored run has another number of rounds than ``rounds``, or another
+        dataset than ``dataset`` (runs stored before the dataset was recorded are
+        MNIST-5k's).
     """
     out: dict[tuple[str, int], dict[str, Any]] = {}
     for run in json.loads(path.read_text())["runs"]:
+        if run.get("dataset", "mnist5k") != dataset:
+            raise ValueError(
+                f"{path}: run {run['mode']}-s{run['seed']} is on "
+                f"{run.get('dataset', 'mnist5k')}, this benchmark on {dataset}"
+            )
         if int(run["rounds"]) != rounds:
             raise ValueError(
                 f"{path}: run {run['mode']}-s{run['seed']} has {run['rounds']} "
@@ -127,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--alpha", type=float, default=0.1)
+    ap.add_argument(
+        "--dataset",
+        default="mnist5k",
+        help="dataset.name (cifar10 and mnist need the Hugging Face hub, online)",
+    )
     ap.add_argument("--ditto-lambda", type=float, default=0.1)
     ap.add_argument("--head-epochs", type=int, default=2, help="fedrep")
     ap.add_argument("--reuse", type=Path, help="earlier .json output to take runs from")
@@ -134,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="experiments/results/personalization.md")
     args = ap.parse_args(argv)
     modes = ["none", *[m for m in args.modes if m != "none"]]
-    reused = reused_runs(args.reuse, args.rounds) if args.reuse else {}
+    reused = reused_runs(args.reuse, args.rounds, args.dataset) if args.reuse else {}
 
+    # Runs of another dataset get their own names, so none is taken for another's.
+    prefix = "" if args.dataset == "mnist5k" else f"{args.dataset}-"
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
         for mode in modes:
@@ -146,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "seed": seed,
                     "num_rounds": args.rounds,
+                    "dataset.name": args.dataset,
                     "dataset.alpha": args.alpha,
                     "policy.name": "deterministic",
                     "personalization.mode": mode,
@@ -154,12 +176,13 @@ def main(argv: list[str] | None = None) -> int:
                     "personalization.ditto_lambda": args.ditto_lambda,
                     "personalization.head_epochs": args.head_epochs,
                     "output_dir": args.runs_dir,
-                    "run_name": f"{mode}-s{seed}",
+                    "run_name": f"{prefix}{mode}-s{seed}",
                 }
             )
             summary = finished_run(cfg) or run_isolated(cfg)
             ev = summary["client_eval"]
             summary["mode"] = mode
+            summary["dataset"] = args.dataset
             summary["client_global_acc"] = ev["client_global_acc"]
             summary["client_used_acc"] = ev.get(
                 "client_personal_acc", ev["client_global_acc"]

@@ -163,3 +163,9 @@ def test_benchmark_reuses_stored_runs_of_the_same_length(tmp_path: Path) -> None
     assert got[("fedper", 1)]["per_round"] == {5: 0.8}  # keys back to int rounds
     with pytest.raises(ValueError, match="has 30 rounds, this benchmark 20"):
         reused_runs(path, 20)
+    # Runs stored without a dataset are MNIST-5k's: refused for another dataset.
+    with pytest.raises(ValueError, match="is on mnist5k, this benchmark on cifar10"):
+        reused_runs(path, 30, "cifar10")
+    run["dataset"] = "cifar10"
+    path.write_text(json.dumps({"runs": [run]}))
+    assert list(reused_runs(path, 30, "cifar10")) == [("fedper", 1)]
