@@ -4,7 +4,7 @@
 
 Runs the default task (MNIST-5k, 20 clients, Dirichlet 0.5, 10 per round; the agent
 with ``policy.name=deterministic``) with ``strategy=agent`` and ``strategy=fedavg``,
-alternating, in this one process, through
+alternating (FedAvg first on every other seed), in this one process, through
 :func:`orchestration.runner.run_experiment`. Flower's simulation runs the ServerApp in
 a thread of this process, so class-level wrappers installed here see every server
 call; no project file is changed. Measured per round ``r``:
@@ -461,7 +461,8 @@ def render(summary: dict[str, Any], seeds: list[int], rounds: int) -> str:
         "",
         f"Default task (MNIST-5k, CNN, 20 clients, Dirichlet 0.5, 10 per round, "
         f"{rounds} rounds), agent with `policy.name=deterministic` vs Flower's "
-        f"FedAvg, seeds {', '.join(map(str, seeds))}, alternating in one process on "
+        f"FedAvg, seeds {', '.join(map(str, seeds))}, alternating (FedAvg first "
+        "on every other seed) in one process on "
         "this 2-core machine. Server time per round = round wall (entering "
         "`configure_train` to leaving the centralized evaluation) minus the time "
         "inside `MeteredGrid.send_and_receive` for TRAIN (and the agent's round-1 "
@@ -593,8 +594,10 @@ def main(argv: list[str] | None = None) -> int:
     variants = ["agent", "fedavg"] + (["agent-defense"] if args.with_defense else [])
     runs = []
     with instrumented():
-        for seed in args.seeds:
-            for variant in variants:
+        for i, seed in enumerate(args.seeds):
+            # Counterbalanced (ABBA): every other seed runs FedAvg first, so a drift
+            # in machine load favours neither strategy.
+            for variant in variants if i % 2 == 0 else variants[::-1]:
                 runs.append(run_one(variant, seed, args.rounds, args.runs_dir))
     return _write(runs, args.seeds, args.rounds, Path(args.out))
 
