@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Phase = Literal["train", "aggregate"]
 FlagKind = Literal["straggler", "faulty", "malicious"]
+# Compression and AggregationRule are repeated in orchestration.config (the
+# ClientApp imports that, never this package); tests/test_config.py keeps them equal.
 Compression = Literal["none", "q8", "q4", "topk", "topk_q8"]
 DecisionSource = Literal["deterministic", "llm", "fallback"]
 PlanReason = Literal[

@@ -32,6 +32,9 @@ PolicyName = Literal["deterministic", "llm"]
 StructuredMode = Literal["auto", "json_schema", "json_object", "tool", "none"]
 RouteTarget = Literal["llm", "deterministic"]
 AutoRouteTarget = Literal["auto", "llm", "deterministic"]
+# CodecName and AggregationRule repeat agent_strategy.types (Compression,
+# AggregationRule), which the ClientApp must not import; tests/test_config.py keeps
+# the copies equal.
 CodecName = Literal["none", "q8", "q4", "topk", "topk_q8"]
 PersonalMode = Literal["none", "fedper", "fedrep", "ditto"]
 AttackName = Literal[

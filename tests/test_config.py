@@ -141,3 +141,17 @@ def test_features_that_do_not_compose_are_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=match):
         RunConfig.from_flat({"clients_per_round": 5, **flat})
+
+
+def test_names_shared_by_config_and_policy_types_agree() -> None:
+    """The config's names are repeated in ``agent_strategy.types``, which the ClientApp
+    must not import (tests/test_client_install.py): the copies must not drift."""
+    from typing import get_args
+
+    from agent_strategy import types as policy_types
+    from orchestration import config, topics
+
+    assert get_args(config.AggregationRule) == get_args(policy_types.AggregationRule)
+    assert get_args(config.CodecName) == get_args(policy_types.Compression)
+    # Every monitor event can be the planner's reason to re-plan.
+    assert set(get_args(topics.EventKind)) <= set(get_args(policy_types.PlanReason))
