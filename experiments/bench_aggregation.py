@@ -34,6 +34,7 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import compute_distances, select_multikrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from experiments.report_io import write_report
 from fl_server.aggregation import (
     coordinate_median,
     flatten_arrays,
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", NOTES, "Reproduce: `python -m experiments.bench_aggregation`"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    write_report(out, "\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(
         json.dumps(
             {

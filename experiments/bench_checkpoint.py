@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from experiments.report_io import write_report
 from orchestration.config import RunConfig
 from orchestration.runner import run_experiment
 
@@ -326,7 +327,7 @@ def main() -> int:
         print(f"run directories in {work}", file=sys.stderr)
         m = measure(args.rounds, args.kill_round, work, args.slow_s)
         args.out.with_suffix(".json").write_text(json.dumps(m, indent=2))
-    args.out.write_text(render(m))
+    write_report(args.out, render(m))
     print(render(m))
     return 0 if m["cost_median"] < TARGET else 1
 

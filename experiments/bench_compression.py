@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from experiments.report_io import write_report
 from orchestration.config import RunConfig
 from orchestration.runner import run_experiment
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     header = [f"Command: `{command}` (runs in `{args.runs_dir}`).", ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(header + lines) + "\n")
+    write_report(out, "\n".join(header + lines) + "\n")
     out.with_suffix(".json").write_text(
         json.dumps({"runs": runs, "per_codec": per_codec}, indent=2)
     )

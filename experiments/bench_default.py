@@ -15,6 +15,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from experiments.report_io import write_report
 from orchestration.config import RunConfig
 from orchestration.runner import run_experiment
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    write_report(out, "\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"runs": rows, **summary}, indent=2))
     print("\n".join(lines))
     return 0

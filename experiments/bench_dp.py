@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from experiments.report_io import write_report
 from orchestration.config import RunConfig
 from orchestration.runner import RunFailedError, run_experiment
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "\n".join(table)
         + f"\n\n![accuracy vs epsilon]({out.with_suffix('.png').name})\n"
     )
-    out.write_text(text)
+    write_report(out, text)
     out.with_suffix(".json").write_text(
         json.dumps({"seed": args.seed, "clip": args.clip, "runs": records}, indent=2)
     )

@@ -38,6 +38,7 @@ from experiments.bench_scale import (
     process_tree,
     run_sampled,
 )
+from experiments.report_io import write_report
 
 MIB = 2**20
 
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(measured, args.interval, objects)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_report(out, text)
     ok = [m for m in measured if not m["error"]]
     extra = per_client(ok[0], ok[-1]) if len(ok) >= 2 else {}
     out.with_suffix(".json").write_text(

@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from experiments.report_io import write_report
+
 TARGET_RATIO = 1.05
 
 
@@ -617,7 +619,7 @@ def _write(runs: list[dict[str, Any]], seeds: list[int], rounds: int, out: Path)
     summary = summarise(runs, seeds)
     text = render(summary, seeds, rounds)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_report(out, text)
     out.with_suffix(".json").write_text(
         json.dumps({"summary": summary, "runs": _rounded(runs)}, indent=1)
     )

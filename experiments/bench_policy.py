@@ -42,6 +42,7 @@ from agent_strategy import (
     ReplyFeatures,
     guard,
 )
+from experiments.report_io import write_report
 
 ROUND = 200
 TARGET = 10
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    write_report(out, "\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     print("\n".join(lines))
     return 0

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from experiments.report_io import write_report
+
 T = TypeVar("T")
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -430,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(measured, estimated, args.rounds, args.budget_s, args.policy)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_report(out, text)
     out.with_suffix(".json").write_text(
         json.dumps({"measured": measured, "estimated": estimated}, indent=2)
     )
