@@ -141,7 +141,9 @@ class AgentStrategy(Strategy):
         How long the roll call of new nodes waits for answers (Ray actors may take
         minutes to start on a loaded machine; the server app passes
         ``round_timeout_s``). A node that fails it is asked again only after 2, 4,
-        8, ... (at most 32) rounds.
+        8, ... (at most 32) rounds. Also the longest the strategy waits for
+        ``min_replies`` nodes to be connected at all (SuperNodes starting after the
+        run), polling every ``node_poll_s`` (1 s).
 
     A round with fewer than ``min_replies`` usable replies fails: the global model
     stays, ``info.failed`` gives the reasons (the recorder logs it and stops the run
@@ -180,6 +182,7 @@ class AgentStrategy(Strategy):
         self._log_fh: TextIO | None = None
         self.telemetry = telemetry
         self.roll_call_timeout_s = roll_call_timeout_s
+        self.node_poll_s = 1.0  # while waiting for SuperNodes to connect
         self._roll_call_retry: dict[int, tuple[int, int]] = {}  # node: (fails, round)
         self._sent: dict[str, Message] = {}  # this round's train messages by client
         self.features = features or ClientFeatures()
@@ -526,12 +529,46 @@ class AgentStrategy(Strategy):
     def _ordered_clients(self) -> list[_Client]:
         return [self.clients[c] for c in sorted(self.clients, key=lambda c: int(c[1:]))]
 
+    def _wait_for_nodes(self, grid: Grid, server_round: int) -> set[int]:
+        """Return the online node ids once at least ``min_replies`` are connected.
+
+        SuperNodes may connect after the run starts (Flower's own strategies wait for
+        them too, without a limit): poll every ``node_poll_s`` and log progress, for
+        at most ``roll_call_timeout_s``; then the caller's roll call decides.
+        """
+        online = set(grid.get_node_ids())
+        start = last_log = time.monotonic()
+        while len(online) < self.min_replies:
+            waited = time.monotonic() - start
+            if waited >= self.roll_call_timeout_s:
+                log.warning(
+                    "round %d: %d node(s) connected after %.0f s, fewer than "
+                    "min_replies=%d",
+                    server_round,
+                    len(online),
+                    waited,
+                    self.min_replies,
+                )
+                break
+            if waited == 0 or time.monotonic() - last_log >= 10:
+                log.info(
+                    "Waiting for nodes to connect: %d connected (minimum required: "
+                    "%d; giving up after %g s)",
+                    len(online),
+                    self.min_replies,
+                    self.roll_call_timeout_s,
+                )
+                last_log = time.monotonic()
+            time.sleep(self.node_poll_s)
+            online = set(grid.get_node_ids())
+        return online
+
     def _register_nodes(self, grid: Grid, server_round: int) -> set[int]:
         """Ask online nodes not seen before for their partition id and data size.
 
         Returns the ids of the nodes online now (only they are eligible this round).
         """
-        online = set(grid.get_node_ids())
+        online = self._wait_for_nodes(grid, server_round)
         known = {c.node_id for c in self.clients.values()}
         new = sorted(
             nid

@@ -220,3 +220,45 @@ def test_the_global_model_is_decoded_again_only_for_a_new_record(
     zeros = ArrayRecord([np.zeros_like(a) for a in returned.to_numpy_ndarrays()])
     list(strategy.configure_train(3, zeros, ConfigRecord(), grid))
     assert not np.any(strategy._global)
+
+
+class _LateNodes(InProcessGrid):
+    """Nodes that connect one by one, as SuperNodes started after the run."""
+
+    def __init__(self, *a: object, **k: object) -> None:
+        super().__init__(*a, **k)  # type: ignore[arg-type]
+        self.polls = 0
+
+    def get_node_ids(self) -> list[int]:
+        self.polls += 1
+        return list(self.nodes)[: self.polls]
+
+
+def test_the_strategy_waits_for_late_nodes_then_runs(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, num_rounds=1, min_replies=3)
+    grid = _LateNodes(make_client_app(cfg), cfg.num_clients)
+    strategy = build_strategy(cfg, tmp_path)
+    assert isinstance(strategy, AgentStrategy)
+    strategy.node_poll_s = 0.01
+
+    messages = list(strategy.configure_train(1, _initial(cfg), ConfigRecord(), grid))
+
+    assert grid.polls == 3  # 1, 2, then 3 nodes connected: enough
+    assert len(messages) == 3
+
+
+def test_waiting_for_nodes_is_bounded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = _cfg(tmp_path, num_rounds=1, min_replies=3)
+    grid = InProcessGrid(make_client_app(cfg), 2)  # only 2 nodes ever
+    strategy = build_strategy(cfg, tmp_path)
+    assert isinstance(strategy, AgentStrategy)
+    strategy.node_poll_s, strategy.roll_call_timeout_s = 0.01, 0.2
+
+    with pytest.raises(RoundFailedError, match="fewer than min_replies=3"):
+        strategy.configure_train(1, _initial(cfg), ConfigRecord(), grid)
+    assert any(
+        "2 node(s) connected after 0 s, fewer than min_replies=3" in r.getMessage()
+        for r in caplog.records
+    )
