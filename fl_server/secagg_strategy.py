@@ -347,8 +347,10 @@ class SecAggStrategy(LegacyStrategy):
                     num_examples=max(st.num_examples, 1),
                     train_loss=st.last_loss if st.last_loss is not None else 0.0,
                     duration_s=st.last_duration_s or 0.0,
+                    # The server never sees the update: no geometry (None), and
+                    # no norm (0 stands for "not measured"; docs/privacy.md).
                     update_norm=0.0,
-                    cosine_to_median=1.0,
+                    cosine_to_median=None,
                 )
             )
         decision = self.agent._decide(
@@ -398,8 +400,10 @@ class SecAggStrategy(LegacyStrategy):
                     num_examples=int(n),  # type: ignore[arg-type]
                     train_loss=float(loss),  # type: ignore[arg-type]
                     duration_s=float(dur),  # type: ignore[arg-type]
+                    # The server never sees the update: no geometry (None), and
+                    # no norm (0 stands for "not measured"; docs/privacy.md).
                     update_norm=0.0,
-                    cosine_to_median=1.0,
+                    cosine_to_median=None,
                 )
             )
             used = m.get(USED_WEIGHT_KEY)
