@@ -70,6 +70,11 @@ class RoundTimes:
     cpu_start: float = 0.0
     cpu_end: float = 0.0
     cpu_client_s: float = 0.0
+    # Paired FedAvg (--paired) run inside this round's span: left out of the
+    # agent's own times.
+    shadow_in_span_s: float = 0.0
+    shadow_in_span_cpu_s: float = 0.0
+    strategy_cpu_s: float = 0.0  # configure + aggregate, server-thread CPU
     parts: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     @property
@@ -80,12 +85,17 @@ class RoundTimes:
     @property
     def server_s(self) -> float:
         """Round wall time minus time spent waiting for clients."""
-        return self.wall_s - self.client_s
+        return self.wall_s - self.client_s - self.shadow_in_span_s
 
     @property
     def server_cpu_s(self) -> float:
         """Server-thread CPU time of the round minus that spent sending to clients."""
-        return self.cpu_end - self.cpu_start - self.cpu_client_s
+        return (
+            self.cpu_end
+            - self.cpu_start
+            - self.cpu_client_s
+            - self.shadow_in_span_cpu_s
+        )
 
     @property
     def strategy_s(self) -> float:
@@ -121,6 +131,53 @@ class Clock:
 CLOCK = Clock()
 
 
+class Shadow:
+    """Flower's FedAvg run beside the agent, on the agent's own rounds (``--paired``).
+
+    In every round of an agent run, FedAvg's ``configure_train`` gets the same global
+    model and grid, and its ``aggregate_train`` the same replies, at the same moment
+    (its results are discarded): the two strategies' code is timed under the same
+    machine load, which separate runs cannot give. The order alternates by round
+    (FedAvg first in even rounds, the agent first in odd ones) so that neither
+    always finds the replies' bytes in the cache. Its time inside the agent's round
+    is left out of the agent's own figures.
+    """
+
+    def __init__(self) -> None:
+        self.strategy: Any = None
+        self.configure: Callable[..., Any] | None = None  # FedAvg's, unwrapped
+        self.aggregate: Callable[..., Any] | None = None
+        self.times: dict[int, dict[str, float]] = {}
+
+    def reset(self, strategy: Any = None) -> None:
+        """Pair the next run with ``strategy`` (None: no pairing)."""
+        self.strategy, self.times = strategy, {}
+
+    def run(self, phase: str, server_round: int, *args: Any) -> None:
+        """Run FedAvg's ``phase`` (configure or aggregate) and record its times."""
+        fn = self.configure if phase == "configure" else self.aggregate
+        if self.strategy is None or fn is None:
+            return
+        rt = CLOCK.current
+        inside = rt is not None and rt.end == 0.0  # within the agent's round span
+        CLOCK.current = None  # FedAvg's breakdown wrappers must not count here
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            fn(self.strategy, server_round, *args)
+        finally:
+            dt, dc = time.perf_counter() - t0, time.thread_time() - c0
+            CLOCK.current = rt
+        row = self.times.setdefault(server_round, defaultdict(float))
+        row[f"{phase}_s"] += dt
+        row[f"{phase}_cpu_s"] += dc
+        if inside and rt is not None:
+            rt.shadow_in_span_s += dt
+            rt.shadow_in_span_cpu_s += dc
+
+
+SHADOW = Shadow()
+
+
 # ------------------------------------------------------------------ instrumentation
 def _timed_part(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
@@ -144,6 +201,7 @@ def _configure(fn: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             CLOCK.in_configure = False
             rt.configure_s += time.perf_counter() - rt.start
+            rt.strategy_cpu_s += time.thread_time() - rt.cpu_start - rt.cpu_client_s
 
     return wrapper
 
@@ -151,12 +209,31 @@ def _configure(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _aggregate(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return fn(self, *args, **kwargs)
         finally:
             if CLOCK.current is not None:
                 CLOCK.current.aggregate_s += time.perf_counter() - t0
+                CLOCK.current.strategy_cpu_s += time.thread_time() - c0
+
+    return wrapper
+
+
+def _paired(phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run :data:`SHADOW`'s FedAvg ``phase`` before (even rounds) or after ``fn``."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, server_round: int, *args: Any) -> Any:
+        if phase == "aggregate":
+            args = (list(args[0]), *args[1:])  # the replies, read by both
+        first = server_round % 2 == 0
+        if first:
+            SHADOW.run(phase, server_round, *args)
+        out = fn(self, server_round, *args)
+        if not first:
+            SHADOW.run(phase, server_round, *args)
+        return out
 
     return wrapper
 
@@ -225,9 +302,14 @@ def instrumented() -> Iterator[None]:
         setattr(owner, name, new)
 
     agent = strat_mod.AgentStrategy
+    SHADOW.configure = FedAvg.__dict__["configure_train"]
+    SHADOW.aggregate = FedAvg.__dict__["aggregate_train"]
     for cls in (agent, FedAvg):
         patch(cls, "configure_train", _configure(cls.__dict__["configure_train"]))
         patch(cls, "aggregate_train", _aggregate(cls.__dict__["aggregate_train"]))
+    for phase in ("configure", "aggregate"):
+        name = f"{phase}_train"
+        patch(agent, name, _paired(phase, agent.__dict__[name]))
     patch(
         MeteredGrid,
         "send_and_receive",
@@ -302,8 +384,15 @@ VARIANTS = {
 }
 
 
-def run_one(variant: str, seed: int, rounds: int, runs_dir: str) -> dict[str, Any]:
-    """Run one variant (see :data:`VARIANTS`) under the wrappers; return its times."""
+def run_one(
+    variant: str, seed: int, rounds: int, runs_dir: str, paired: bool = False
+) -> dict[str, Any]:
+    """Run one variant (see :data:`VARIANTS`) under the wrappers; return its times.
+
+    With ``paired``, an agent run has Flower's FedAvg timed beside it on its own
+    rounds (:class:`Shadow`).
+    """
+    from fl_server.baselines import build_baseline
     from orchestration.config import RunConfig
     from orchestration.runner import run_experiment
 
@@ -326,8 +415,21 @@ def run_one(variant: str, seed: int, rounds: int, runs_dir: str) -> dict[str, An
         }
     )
     CLOCK.reset()
+    SHADOW.reset(
+        build_baseline(
+            cfg.model_copy(
+                update={"strategy": cfg.strategy.model_copy(update={"name": "fedavg"})}
+            )
+        )
+        if paired and variant == "agent"
+        else None
+    )
     load_before = os.getloadavg()[0]
-    summary = run_experiment(cfg)
+    try:
+        summary = run_experiment(cfg)
+    finally:
+        shadow_times = SHADOW.times
+        SHADOW.reset()
     got = sorted(CLOCK.rounds)
     if got != list(range(1, rounds + 1)) or any(
         CLOCK.rounds[r].end == 0.0 for r in got
@@ -350,6 +452,7 @@ def run_one(variant: str, seed: int, rounds: int, runs_dir: str) -> dict[str, An
             "other_s": rt.server_s - rt.strategy_s - rt.evaluate_s,
             "empty_sar_s": rt.other_sar_s,
             "parts": dict(rt.parts),
+            **_paired_row(shadow_times.get(r), rt),
         }
         for r, rt in sorted(CLOCK.rounds.items())
     ]
@@ -361,6 +464,27 @@ def run_one(variant: str, seed: int, rounds: int, runs_dir: str) -> dict[str, An
         "wall_s": summary["wall_s"],
         "loadavg_1m": [load_before, os.getloadavg()[0]],
         "rounds": per_round,
+    }
+
+
+def _paired_row(shadow: dict[str, float] | None, rt: RoundTimes) -> dict[str, float]:
+    """Return the paired FedAvg's times of a round, and the round as FedAvg's.
+
+    ``paired_server_s`` is the agent's round with FedAvg's configure + aggregate in
+    place of the agent's (same clients, evaluation and loop); ``paired_server_cpu_s``
+    its server-thread CPU twin.
+    """
+    if not shadow:
+        return {}
+    fed = shadow.get("configure_s", 0.0) + shadow.get("aggregate_s", 0.0)
+    fed_cpu = shadow.get("configure_cpu_s", 0.0) + shadow.get("aggregate_cpu_s", 0.0)
+    return {
+        "fedavg_strategy_s": fed,
+        "fedavg_strategy_cpu_s": fed_cpu,
+        "fedavg_configure_s": shadow.get("configure_s", 0.0),
+        "fedavg_aggregate_s": shadow.get("aggregate_s", 0.0),
+        "paired_server_s": rt.server_s - rt.strategy_s + fed,
+        "paired_server_cpu_s": rt.server_cpu_s - rt.strategy_cpu_s + fed_cpu,
     }
 
 
@@ -448,6 +572,44 @@ def summarise(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
         "parts": {s: median_parts(v) for s, v in by.items()},
         "accuracy": {s: [r["final_accuracy"] for r in v] for s, v in by.items()},
         "loads": [r["loadavg_1m"] for r in runs],
+        "paired": paired_summary(by.get("agent", [])),
+    }
+
+
+def paired_summary(runs: list[dict[str, Any]], first: int = 2) -> dict[str, Any]:
+    """Medians of the agent runs' paired FedAvg figures (``{}`` if none was paired).
+
+    Ratios of medians over rounds ``>= first``, and the median of the per-round
+    ratios (each round's agent and FedAvg share the same load).
+    """
+    rows = [
+        row
+        for run in runs
+        for row in run["rounds"]
+        if row["round"] >= first and "paired_server_s" in row
+    ]
+    if not rows:
+        return {}
+
+    def med(key: str) -> float:
+        return statistics.median(row[key] for row in rows)
+
+    return {
+        "rounds": len(rows),
+        "server_s": med("server_s"),
+        "paired_server_s": med("paired_server_s"),
+        "ratio_server": med("server_s") / med("paired_server_s"),
+        "ratio_server_per_round": statistics.median(
+            row["server_s"] / row["paired_server_s"] for row in rows
+        ),
+        "ratio_server_cpu": med("server_cpu_s") / med("paired_server_cpu_s"),
+        "strategy_s": med("strategy_s"),
+        "fedavg_strategy_s": med("fedavg_strategy_s"),
+        "fedavg_configure_s": med("fedavg_configure_s"),
+        "fedavg_aggregate_s": med("fedavg_aggregate_s"),
+        "extra_strategy_s": statistics.median(
+            row["strategy_s"] - row["fedavg_strategy_s"] for row in rows
+        ),
     }
 
 
@@ -536,6 +698,27 @@ def render(summary: dict[str, Any], seeds: list[int], rounds: int) -> str:
             "more per round than FedAvg's. The 1.05 target is for the default run; "
             "this is the price of the detectors, reported for reference.",
         ]
+    paired = summary.get("paired") or {}
+    if paired:
+        lines += [
+            "",
+            "**Paired in the same rounds** (`--paired`): in every round of the agent "
+            "runs, Flower's FedAvg `configure_train` got the same global model and "
+            "grid and its `aggregate_train` the same replies, at the same moment "
+            "(results discarded; FedAvg first in even rounds, the agent first in odd "
+            "ones), so both strategies' code ran under the same load. The round with "
+            "FedAvg's configure + aggregate in place of the agent's (same clients, "
+            "evaluation and loop) is the denominator. Agent / FedAvg median server "
+            f"time per round: **{paired['ratio_server']:.3f}** (median of the "
+            f"per-round ratios {paired['ratio_server_per_round']:.3f}; server-thread "
+            f"CPU {paired['ratio_server_cpu']:.3f}) over {paired['rounds']} rounds. "
+            f"Strategy code: agent {1e3 * paired['strategy_s']:.1f} ms, FedAvg "
+            f"{1e3 * paired['fedavg_strategy_s']:.1f} ms (configure "
+            f"{1e3 * paired['fedavg_configure_s']:.1f}, aggregate "
+            f"{1e3 * paired['fedavg_aggregate_s']:.1f}); the agent's extra per round, "
+            f"median of the paired differences: {1e3 * paired['extra_strategy_s']:.1f}"
+            " ms.",
+        ]
     loads = [x for r in summary["loads"] for x in r]
     lines += [
         "",
@@ -562,7 +745,8 @@ def render(summary: dict[str, Any], seeds: list[int], rounds: int) -> str:
         "",
         f"Reproduce: `python -m experiments.bench_overhead --seeds "
         f"{' '.join(map(str, seeds))} --rounds {rounds}"
-        f"{' --with-defense' if 'agent-defense' in summary['ratios'] else ''}`",
+        f"{' --with-defense' if 'agent-defense' in summary['ratios'] else ''}"
+        f"{' --paired' if summary.get('paired') else ''}`",
     ]
     return "\n".join(lines) + "\n"
 
@@ -584,6 +768,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run the agent with defense.enabled=true (reported, not targeted)",
     )
+    ap.add_argument(
+        "--paired",
+        action="store_true",
+        help="also time Flower's FedAvg inside every agent round, on the same "
+        "replies (see Shadow)",
+    )
     args = ap.parse_args(argv)
     if args.from_json is not None:
         runs = json.loads(args.from_json.read_text())["runs"]
@@ -594,13 +784,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--rounds must be at least 2 (round 1 is left out of the medians)")
 
     variants = ["agent", "fedavg"] + (["agent-defense"] if args.with_defense else [])
+    paired = args.paired
     runs = []
     with instrumented():
         for i, seed in enumerate(args.seeds):
             # Counterbalanced (ABBA): every other seed runs FedAvg first, so a drift
             # in machine load favours neither strategy.
             for variant in variants if i % 2 == 0 else variants[::-1]:
-                runs.append(run_one(variant, seed, args.rounds, args.runs_dir))
+                runs.append(
+                    run_one(variant, seed, args.rounds, args.runs_dir, paired=paired)
+                )
     return _write(runs, args.seeds, args.rounds, Path(args.out))
 
 
