@@ -4,15 +4,18 @@ Selection is utility-based with exploration, in the spirit of Oort (Lai et al., 
 2021): a client's statistical utility is ``sqrt(num_examples) * last_loss`` (loss-heavy
 clients teach the model most), discounted when its last round overran the deadline, plus
 a staleness bonus; a share of the slots goes to the least recently seen clients so that
-no client starves. Allocation gives slow clients fewer local epochs. Weights follow the
-number of examples; replies slower than the deadline are flagged as stragglers and get
-no weight.
+no client starves. Allocation gives each measured client the local epochs that fit
+the preferred round time ``T`` (:func:`fitted_epochs`): slow clients fewer, and, while
+``T`` is below the deadline, fast clients more (up to ``limits.max_epochs``). Weights
+follow the number of examples; replies slower than the deadline are flagged as
+stragglers and get no weight.
 
 System utility is Oort's ``(T / t) ** 2`` for a client expected to take ``t > T``
 seconds: ``t`` is its last measured duration, or, when the server measured its
-per-epoch compute and communication (simulated devices), the time of a round at the
-default epochs; ``T`` is the deadline, or a quantile of the clients' expected
-durations when ``duration_quantile`` is set (Oort's preferred round duration).
+per-epoch compute and communication (simulated devices), the time of the round it
+would run, at the epochs it would be given (:func:`fitted_durations`); ``T`` is the
+deadline, or a quantile of the clients' expected durations at the default epochs when
+``duration_quantile`` is set (Oort's preferred round duration).
 
 Deadlines: a measured client gets the run's deadline (its epochs already fit ``T``).
 A client never timed is estimated conservatively: it is not counted on to reply before
@@ -87,13 +90,51 @@ def preferred_duration(obs: Observation, quantile: float = 0.0) -> float:
     return float(min(deadline, np.quantile(known, quantile)))
 
 
+def fitted_epochs(client: ClientState, obs: Observation, target: float) -> int | None:
+    """Return the local epochs a measured client is given (None: not measured).
+
+    The most whole epochs that fit the preferred round time ``target``: at least
+    ``limits.min_epochs`` (a client too slow for one still gets them) and at most
+    the default, or, when ``target`` is below the deadline (Oort's pacing, the round
+    lasts about ``target`` anyway), at most ``limits.max_epochs``: fast clients fill
+    the round with local work instead of idling.
+    """
+    if client.epoch_s is None or client.comm_s is None:
+        return None
+    lo = obs.limits.min_epochs
+    hi = obs.default_epochs
+    if target < obs.limits.deadline_s:
+        hi = max(hi, obs.limits.max_epochs)
+    if client.epoch_s <= 0:
+        return hi
+    fit = int(max(target - client.comm_s, 0.0) // client.epoch_s)
+    return max(lo, min(hi, fit))
+
+
+def fitted_durations(obs: Observation, target: float) -> np.ndarray:
+    """Return each client's expected round time at the epochs it would be given.
+
+    For a client whose per-epoch compute and communication were measured, the time
+    at :func:`fitted_epochs`; else its :func:`expected_durations` entry (nan:
+    unknown). Oort's system utility applies to the round the client will actually
+    run, not to one at the default epochs.
+    """
+    out = expected_durations(obs)
+    for i, c in enumerate(obs.clients):
+        epochs = fitted_epochs(c, obs, target)
+        if epochs is not None and c.epoch_s is not None and c.comm_s is not None:
+            out[i] = c.comm_s + c.epoch_s * epochs
+    return out
+
+
 def utilities(obs: Observation, quantile: float = 0.0) -> np.ndarray:
     """Return each client's selection utility, in ``obs.clients`` order.
 
     A seen client's statistical utility ``sqrt(examples) * last_loss`` is normalised
     to ``[0, 1]``, Oort's staleness bonus ``sqrt(0.1 * ln(round) /
     last_selected_round)`` is added, and the sum is multiplied by ``(T / t) ** 2`` if
-    its expected duration ``t`` (:func:`expected_durations`) exceeds the preferred
+    its expected duration ``t`` at the epochs it would be given
+    (:func:`fitted_durations`) exceeds the preferred
     duration ``T`` (:func:`preferred_duration`); clients never selected get ``inf``,
     and clients selected but never heard from (failures, missed deadlines) a zero
     statistical utility. Vectorised over clients.
@@ -104,13 +145,13 @@ def utilities(obs: Observation, quantile: float = 0.0) -> np.ndarray:
     )
     examples = np.array([max(c.num_examples, 1) for c in cs], dtype=float)
     last = np.array([max(c.last_selected_round, 1) for c in cs], dtype=float)
-    dur = expected_durations(obs)
+    pref = preferred_duration(obs, quantile)
+    dur = fitted_durations(obs, pref)
     finite = np.isfinite(loss)
     stat = np.where(finite, np.sqrt(examples) * np.maximum(np.nan_to_num(loss), 0), 0.0)
     top = stat[finite].max() if finite.any() else 0.0
     norm = stat / top if top > 0 else np.zeros_like(stat)
     bonus = np.sqrt(0.1 * np.log(max(obs.round, 1)) / last)
-    pref = preferred_duration(obs, quantile)
     late = np.isfinite(dur) & (dur > pref)
     factor = np.where(late, (pref / np.where(late, dur, 1.0)) ** 2, 1.0)
     tried = finite | np.array([c.rounds_selected > 0 for c in cs], dtype=bool)
@@ -401,13 +442,11 @@ class DeterministicPolicy:
     def _allocation(obs: Observation, client: ClientState, target: float) -> Allocation:
         epochs = obs.default_epochs
         deadline = obs.limits.deadline_s
-        if client.epoch_s is not None and client.comm_s is not None:
-            # Measured per-epoch compute: the most epochs that fit ``target``, the
+        fitted = fitted_epochs(client, obs, target)
+        if fitted is not None:
+            # Measured per-epoch compute: the epochs that fit ``target``, the
             # preferred round time (the deadline unless ``duration_quantile`` is set).
-            if client.comm_s + client.epoch_s * epochs > target:
-                room = max(target - client.comm_s, 0.0)
-                fit = int(room // client.epoch_s) if client.epoch_s > 0 else epochs
-                epochs = max(obs.limits.min_epochs, min(epochs, fit))
+            epochs = fitted
         elif client.last_duration_s is not None and client.last_duration_s > deadline:
             # Scale local work down so the next round fits the deadline.
             per_epoch = client.last_duration_s / max(epochs, 1)

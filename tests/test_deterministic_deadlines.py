@@ -16,8 +16,11 @@ from agent_strategy import ClientState, DeterministicPolicy
 from agent_strategy.detection import DetectionParams
 from agent_strategy.deterministic import (
     expected_duration,
+    fitted_durations,
+    fitted_epochs,
     preferred_duration,
     untimed_deadline,
+    utilities,
 )
 from agent_strategy.types import Decision, Observation
 
@@ -77,6 +80,40 @@ def test_expected_duration_at_the_allocated_epochs() -> None:
     only_total = ClientState(id="c1", last_duration_s=8.0)
     assert expected_duration(only_total, epochs=1, default_epochs=2) == 4.0
     assert expected_duration(ClientState(id="c2"), epochs=2, default_epochs=2) is None
+
+
+def test_fitted_epochs_fill_a_short_target_and_shrink_for_slow_clients() -> None:
+    obs = plain_train_obs(
+        clients=(ClientState(id="c0"),), limits=limits(max_epochs=4, deadline_s=15.0)
+    ).model_copy(update={"default_epochs": 2})
+    fast, mid, slow = _timed("c1", 1.0), _timed("c2", 3.0), _timed("c3", 9.0)
+
+    # T = 6.5 s below the deadline: (6.5 - 0.5) // epoch_s, between 1 and max_epochs.
+    assert [fitted_epochs(c, obs, 6.5) for c in (fast, mid, slow)] == [4, 2, 1]
+    # T = the deadline: no filling beyond the default epochs; slow ones still shrink.
+    assert [fitted_epochs(c, obs, 15.0) for c in (fast, mid, slow)] == [2, 2, 1]
+    assert fitted_epochs(ClientState(id="c4", last_duration_s=3.0), obs, 6.5) is None
+
+
+def test_system_utility_counts_the_round_a_client_will_run() -> None:
+    # At the default 2 epochs: 2.5, 6.5, 12.5 s and 20.5 s; T = 0.25 quantile =
+    # 5.5 s. c1 fits T at 1 epoch (3.5 s) and c2 does not even then (6.5 s).
+    clients = tuple(
+        _timed(f"c{i}", e).model_copy(update={"last_selected_round": 2})
+        for i, e in enumerate((1.0, 3.0, 6.0, 10.0))
+    )
+    obs = plain_train_obs(
+        round_=3, target=2, clients=clients, limits=limits(deadline_s=30.0)
+    ).model_copy(update={"default_epochs": 2})
+
+    pref = preferred_duration(obs, 0.25)
+    util = utilities(obs, quantile=0.25)
+
+    assert pref == 5.5
+    assert fitted_durations(obs, pref).tolist() == [5.5, 3.5, 6.5, 10.5]
+    assert util[1] == util[0]  # same stats, both within T at their epochs
+    assert np.isclose(util[2] / util[0], (5.5 / 6.5) ** 2)
+    assert np.isclose(util[3] / util[0], (5.5 / 10.5) ** 2)
 
 
 # ---------------------------------------------------------------- the policy

@@ -235,10 +235,11 @@ def test_allocation_targets_the_preferred_round_time() -> None:
 
     d = DeterministicPolicy(exploration=0.0, duration_quantile=0.5).decide(obs)
 
-    # Expected at 2 epochs: 2.5, 4.5, 6.5, 8.5, 10.5 s; T = median = 6.5 s.
+    # Expected at 2 epochs: 2.5, 4.5, 6.5, 8.5, 10.5 s; T = median = 6.5 s. The most
+    # epochs that fit T: 6 (capped at max_epochs 5), 3, 2, 1, 0 (-> min_epochs 1).
     assert {c: a.local_epochs for c, a in d.allocations.items()} == {
-        "c0": 2,
-        "c1": 2,
+        "c0": 5,
+        "c1": 3,
         "c2": 2,
         "c3": 1,
         "c4": 1,
