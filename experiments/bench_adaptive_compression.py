@@ -5,11 +5,14 @@
 round, 30 rounds) with simulated devices (``devices.enabled``: log-normal bandwidth,
 median 10 Mbit/s, sigma ``--bandwidth-sigma``) twice per seed: every client uploading
 float32 (``none``), and ``compression.adaptive=true`` (each client's codec picked from
-its measured bandwidth among ``none,q8,q4,topk``). The table (``--out``, default
+its measured bandwidth among ``none,q8,q4,topk``). ``--deadline`` sets
+``devices.deadline_s`` (0: none). The table (``--out``, default
 ``experiments/results/compression_adaptive.md`` and ``.json``) gives the bytes
-uploaded, the final and last-5-rounds central accuracy and how often each codec was
-allocated. Runs already complete in ``--runs-dir`` with the same configuration are
-reused.
+uploaded, the simulated time per round (mean and median; a client's upload time is
+its reply's real bytes over its bandwidth, so a compressed upload shortens it), the
+failed client replies (late ones included), the final and last-5-rounds central
+accuracy and how often each codec was allocated. Runs already complete in
+``--runs-dir`` with the same configuration are reused.
 """
 
 from __future__ import annotations
@@ -41,13 +44,21 @@ def codec_counts(run_dir: Path) -> Counter[str]:
     return counts
 
 
+def round_sim_times(run_dir: Path) -> list[float]:
+    """Return each round's simulated seconds (from the cumulative ``sim_time_s``)."""
+    lines = (run_dir / "results.jsonl").read_text().splitlines()
+    clock = [float(json.loads(line)["sim_time_s"] or 0.0) for line in lines]
+    return [b - a for a, b in zip(clock, clock[1:], strict=False)]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its table; return the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--bandwidth-sigma", type=float, default=0.5)
-    ap.add_argument("--runs-dir", default="runs/adaptive")
+    ap.add_argument("--deadline", type=float, default=0.0)
+    ap.add_argument("--runs-dir", default="runs/adaptive_upload")
     ap.add_argument("--out", default="experiments/results/compression_adaptive.md")
     args = ap.parse_args(argv)
 
@@ -61,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                     "policy.name": "deterministic",
                     "devices.enabled": True,
                     "devices.bandwidth_sigma": args.bandwidth_sigma,
+                    "devices.deadline_s": args.deadline,
                     "compression.adaptive": mode == "adaptive",
                     "output_dir": args.runs_dir,
                     "run_name": f"{mode}-s{seed}",
@@ -71,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             summary["mode"] = mode
             summary["last5_accuracy"] = last_rounds_accuracy(run_dir)
             summary["codecs"] = dict(codec_counts(run_dir))
+            summary["round_sim_s"] = round_sim_times(run_dir)
             runs.append(summary)
 
     def one(mode: str, seed: int) -> dict[str, Any]:
@@ -78,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = [
         f"| codecs | seed | bytes up ({args.rounds} rounds) | smaller than float32 | "
-        "final accuracy | last 5 rounds | vs float32, points (final / last 5) | "
-        "codecs allocated |",
-        "|---|---|---|---|---|---|---|---|",
+        "simulated s / round, mean (median) | shorter than float32 (mean) | "
+        "failed replies | final accuracy | last 5 rounds | "
+        "vs float32, points (final / last 5) | codecs allocated |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    ratios, diffs, diffs5 = [], [], []
+    ratios, diffs, diffs5, speedups = [], [], [], []
     for seed in args.seeds:
         base = one("none", seed)
         for mode in MODES:
@@ -90,21 +104,27 @@ def main(argv: list[str] | None = None) -> int:
             ratio = base["bytes_up"] / r["bytes_up"]
             diff = r["final_accuracy"] - base["final_accuracy"]
             diff5 = r["last5_accuracy"] - base["last5_accuracy"]
+            mean_s = statistics.mean(r["round_sim_s"])
+            speedup = statistics.mean(base["round_sim_s"]) / mean_s
             if mode == "adaptive":
                 ratios.append(ratio)
                 diffs.append(diff)
                 diffs5.append(diff5)
+                speedups.append(speedup)
             used = ", ".join(
                 f"{c} {n}" for c, n in sorted(r["codecs"].items(), key=lambda x: -x[1])
             )
             lines.append(
                 f"| {mode} | {seed} | {r['bytes_up']:,} | {ratio:.2f}x | "
+                f"{mean_s:.3f} ({statistics.median(r['round_sim_s']):.3f}) | "
+                f"{speedup:.3f}x | {r['client_failures']} | "
                 f"{r['final_accuracy']:.4f} | {r['last5_accuracy']:.4f} | "
                 f"{100 * diff:+.2f} / {100 * diff5:+.2f} | {used} |"
             )
     lines += [
         "",
         f"Adaptive, mean over seeds: {statistics.mean(ratios):.2f}x fewer bytes up, "
+        f"simulated rounds {statistics.mean(speedups):.3f}x shorter, "
         f"{100 * statistics.mean(diffs):+.2f} points final accuracy, "
         f"{100 * statistics.mean(diffs5):+.2f} points over the last 5 rounds.",
     ]
