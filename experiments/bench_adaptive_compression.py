@@ -19,8 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,7 @@ from typing import Any
 from orchestration.config import RunConfig
 
 from .bench_compression import finished_run, last_rounds_accuracy
-from .bench_personalization import run_isolated
+from .bench_personalization import _CHILD
 
 MODES = ("none", "adaptive")
 
@@ -42,6 +47,46 @@ def codec_counts(run_dir: Path) -> Counter[str]:
             for alloc in entry["decision"]["allocations"].values():
                 counts[alloc["compression"]] += 1
     return counts
+
+
+def run_retried(cfg: RunConfig, timeout_s: float, retries: int = 2) -> dict[str, Any]:
+    """Run ``cfg`` in a fresh process (own session) and return its summary.
+
+    On the loaded machine Ray sometimes does not start ("node timed out during
+    startup") and the failed child then hangs: a run that fails or exceeds
+    ``timeout_s`` has its whole process group stopped, its partial run directory
+    removed, and is started again (at most ``retries`` times, 30 s apart).
+
+    Raises
+    ------
+    RuntimeError
+        If every attempt failed.
+    """
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    for attempt in range(1, retries + 2):
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, json.dumps(cfg.to_flat())],
+            start_new_session=True,
+        )
+        try:
+            code = child.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            code = None
+        if code != 0:
+            try:
+                os.killpg(child.pid, signal.SIGTERM)
+                child.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(child.pid, signal.SIGKILL)
+        summary = finished_run(cfg)
+        if code == 0 and summary is not None:
+            return summary
+        why = "timed out" if code is None else f"exit code {code}"
+        print(f"run {cfg.run_name} attempt {attempt} failed ({why})", flush=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if attempt <= retries:
+            time.sleep(30)
+    raise RuntimeError(f"run {cfg.run_name} failed {retries + 1} times")
 
 
 def round_sim_times(run_dir: Path) -> list[float]:
@@ -59,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bandwidth-sigma", type=float, default=0.5)
     ap.add_argument("--deadline", type=float, default=0.0)
     ap.add_argument("--runs-dir", default="runs/adaptive_upload")
+    ap.add_argument(
+        "--run-timeout", type=float, default=1800.0, help="seconds per run attempt"
+    )
     ap.add_argument("--out", default="experiments/results/compression_adaptive.md")
     args = ap.parse_args(argv)
 
@@ -78,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                     "run_name": f"{mode}-s{seed}",
                 }
             )
-            summary = finished_run(cfg) or run_isolated(cfg)
+            summary = finished_run(cfg) or run_retried(cfg, args.run_timeout)
             run_dir = Path(summary["run_dir"])
             summary["mode"] = mode
             summary["last5_accuracy"] = last_rounds_accuracy(run_dir)

@@ -46,9 +46,7 @@ def _obs(*codecs: Compression, default: Compression = "none") -> Observation:
         else c
         for c in base.clients
     )
-    return base.model_copy(
-        update={"clients": clients, "default_compression": default}
-    )
+    return base.model_copy(update={"clients": clients, "default_compression": default})
 
 
 def _answer(codecs: dict[str, Any] | None = None) -> str:
