@@ -3,7 +3,8 @@
 ``python -m experiments.bench_adaptive_compression --seeds 0 1`` runs the default task
 (agent strategy, deterministic policy, MNIST-5k, 20 clients, Dirichlet 0.5, 10 per
 round, 30 rounds) with simulated devices (``devices.enabled``: log-normal bandwidth,
-median 10 Mbit/s, sigma ``--bandwidth-sigma``) twice per seed: every client uploading
+median ``--bandwidth-mbps`` 10 Mbit/s, sigma ``--bandwidth-sigma``; log-normal compute
+speed, sigma ``--speed-sigma`` 1) twice per seed: every client uploading
 float32 (``none``), and ``compression.adaptive=true`` (each client's codec picked from
 its measured bandwidth among ``none,q8,q4,topk``). ``--deadline`` sets
 ``devices.deadline_s`` (0: none). The table (``--out``, default
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--bandwidth-sigma", type=float, default=0.5)
+    ap.add_argument("--bandwidth-mbps", type=float, default=10.0)
+    ap.add_argument("--speed-sigma", type=float, default=1.0)
     ap.add_argument("--deadline", type=float, default=0.0)
     ap.add_argument("--runs-dir", default="runs/adaptive_upload")
     ap.add_argument(
@@ -120,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                     "policy.name": "deterministic",
                     "devices.enabled": True,
                     "devices.bandwidth_sigma": args.bandwidth_sigma,
+                    "devices.bandwidth_median_mbps": args.bandwidth_mbps,
+                    "devices.speed_sigma": args.speed_sigma,
                     "devices.deadline_s": args.deadline,
                     "compression.adaptive": mode == "adaptive",
                     "output_dir": args.runs_dir,
