@@ -155,8 +155,9 @@ def test_prompt_renders_with_allowed_codecs() -> None:
     body = json.loads(prompt.messages[1]["content"])
     # The limits table carries numbers only; the task text offers the codecs.
     assert "codecs" not in body["limits"]
-    assert "compression (each allocation's upload codec): none = " in (
-        prompt.messages[0]["content"]
+    assert (
+        "compression (each allocation's upload codec): none = "
+        in (prompt.messages[0]["content"])
     )
 
 
