@@ -3,16 +3,27 @@
 :class:`DeviceSimulator` sits inside :class:`~fl_server.metering.MeteredGrid`, which
 every strategy (the agent and Flower's baselines) sends its messages through, so the
 same profiles, dropouts and deadline hold for all of them. Everything is simulated on
-the server, before dispatch, from the seed and the client's partition id:
+the server from the seed and the client's partition id:
 
 * a client that drops out of the round is not sent its message; the strategy gets an
   error reply (``simulated dropout``), as from a node gone offline;
-* a client whose simulated finish time exceeds the deadline (``devices.deadline_s``,
-  or the message's shorter ``deadline-s``: a strategy may end a client's round
-  earlier, never later) is not sent its message either (its work would arrive too
-  late); the strategy gets an error reply
-  (``missed the deadline``) -- unless ``partial_work`` is set: then its message asks
-  for the whole local epochs that fit, and it is dropped only if not even one does;
+* a client's time is its compute, its download (the train message's bytes) and its
+  upload: the *reply's* bytes, measured like the bytes up
+  (:func:`~fl_server.metering.message_bytes`), over its bandwidth -- a compressed
+  upload takes less time;
+* the deadline is ``devices.deadline_s``, or the message's shorter ``deadline-s`` (a
+  strategy may end a client's round earlier, never later). A reply whose compute,
+  download and real upload exceed it is late: the strategy gets an error reply
+  (``simulated straggler ... missed the deadline``) instead, the round waited until
+  the deadline, and its bytes do not count as uploaded. A client certain to miss the
+  deadline is not even sent its message (its work would arrive too late): certain
+  means that even the smallest upload measured so far for its codec and this model
+  (none measured: an empty one) would not make it. So the deadline is always judged
+  on real bytes; the prediction only saves the work of hopeless clients;
+* with ``partial_work`` a late client is asked for the whole local epochs that fit
+  (its upload predicted by that smallest measured upload for its codec, or a dense
+  one if none was measured), and is dropped only if not even one epoch can fit; its
+  reply is still judged on its real bytes;
 * a dispatched client's reply has its ``train-duration`` metric replaced by the
   simulated time, so a policy sees simulated durations.
 
@@ -25,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from flwr.app import (
     ConfigRecord,
@@ -66,10 +77,22 @@ class RoundClock:
     duration_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class _Dispatch:
+    """A message sent, with what its reply is judged by."""
+
+    message: Message
+    timing: Timing
+    deadline_s: float
+    bandwidth_bps: float
+    upload_key: tuple[str, int]
+
+
 @dataclass
 class _Plan:
     send: list[Message] = field(default_factory=list)
     refused: list[Message] = field(default_factory=list)
+    sent: dict[int, _Dispatch] = field(default_factory=dict)
 
 
 class DeviceSimulator:
@@ -93,6 +116,8 @@ class DeviceSimulator:
         self.sim_time_s = 0.0
         self.rounds = 0
         self.clock = RoundClock()
+        self.smallest_upload: dict[tuple[str, int], int] = {}
+        """Smallest reply (bytes) measured per (codec, train message bytes)."""
 
     # ------------------------------------------------------------------ lookups
     def profile(self, partition_id: int) -> DeviceProfile:
@@ -122,7 +147,8 @@ class DeviceSimulator:
         """Decide, dispatch and answer one round's train messages; advance the clock.
 
         ``send`` dispatches messages to the clients and returns their replies;
-        ``bytes_of`` measures a message's arrays (downloaded once, uploaded once).
+        ``bytes_of`` measures a message's contents: the train message's (downloaded)
+        and the reply's (uploaded).
         """
         unknown = sorted({m.metadata.dst_node_id for m in train} - set(self.nodes))
         if unknown:
@@ -137,13 +163,10 @@ class DeviceSimulator:
         plan = _Plan()
         for m in train:
             self._plan_one(m, server_round, bytes_of, clock, plan)
-        replies = send(plan.send) if plan.send else []
-        for r in replies:
-            t = clock.timings.get(r.metadata.src_node_id)
-            if t is not None and not r.has_error():
-                metrics = r.content.metric_records.get("metrics")
-                if metrics is not None and "train-duration" in metrics:
-                    metrics["train-duration"] = t.total_s
+        replies = [
+            self._judge(r, plan, bytes_of, clock)
+            for r in (send(plan.send) if plan.send else [])
+        ]
         ok = {r.metadata.src_node_id for r in replies if not r.has_error()}
         clock.duration_s = round_duration(
             (clock.timings[n].total_s for n in ok if n in clock.timings),
@@ -199,13 +222,6 @@ class DeviceSimulator:
         epochs = cfg.get("local-epochs", self.default_epochs)
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
             epochs = self.default_epochs
-        timing = client_timing(
-            self.profile(pid),
-            examples=examples,
-            epochs=epochs,
-            bytes_moved=2 * bytes_of(m),
-            example_cost_s=self.cfg.example_cost_s,
-        )
         deadline = self.cfg.deadline_s
         asked = cfg.get("deadline-s")
         if (
@@ -215,26 +231,81 @@ class DeviceSimulator:
             and 0 < asked < deadline
         ):
             deadline = float(asked)  # a strategy may ask for less, never for more
-        if deadline > 0 and timing.total_s > deadline:
-            fit = (
-                epochs_within(deadline, timing, epochs) if self.cfg.partial_work else 0
+        codec = cfg.get("compression", "none")
+        down = bytes_of(m)
+        key = (codec if isinstance(codec, str) else "none", down)
+        known_up = self.smallest_upload.get(key)
+        profile = self.profile(pid)
+
+        def timing_for(up: int | None) -> Timing:
+            return client_timing(
+                profile,
+                examples=examples,
+                epochs=epochs,
+                bytes_down=down,
+                bytes_up=up,
+                example_cost_s=self.cfg.example_cost_s,
             )
-            if fit < 1:
-                clock.late[nid] = deadline
-                clock.timings[nid] = timing
-                plan.refused.append(
-                    _error(
-                        m,
-                        f"simulated straggler: {timing.total_s:.2f}s missed the "
-                        f"deadline {deadline:.2f}s",
-                    )
+
+        # Best guess of the upload: the smallest seen for this codec and model, else
+        # a dense one. A client is refused only if certain to be late: even the
+        # smallest upload seen (none seen: 0 bytes) would miss the deadline.
+        guess, least = timing_for(known_up), timing_for(known_up or 0)
+        fit = epochs
+        if deadline > 0 and self.cfg.partial_work and guess.total_s > deadline:
+            fit = epochs_within(deadline, guess, epochs) or min(
+                1, epochs_within(deadline, least, epochs)
+            )
+        if fit < epochs:
+            guess = replace(guess, compute_s=guess.epoch_s * fit, epochs=fit)
+            least = replace(least, compute_s=least.epoch_s * fit, epochs=fit)
+        if deadline > 0 and (fit < 1 or least.total_s > deadline):
+            clock.late[nid] = deadline
+            clock.timings[nid] = guess
+            plan.refused.append(
+                _error(
+                    m,
+                    f"simulated straggler: {least.total_s:.2f}s or more missed the "
+                    f"deadline {deadline:.2f}s",
                 )
-                return
+            )
+            return
+        if fit < epochs:
             clock.shortened[nid] = fit
-            timing = Timing(timing.epoch_s * fit, timing.comm_s, fit)
             m = _with_epochs(m, fit)
+        timing = guess
         clock.timings[nid] = timing
         plan.send.append(m)
+        plan.sent[nid] = _Dispatch(m, timing, deadline, profile.bandwidth_bps, key)
+
+    def _judge(
+        self,
+        reply: Message,
+        plan: _Plan,
+        bytes_of: Callable[[Message], int],
+        clock: RoundClock,
+    ) -> Message:
+        """Time ``reply`` with its real upload; return it, or a late error reply."""
+        nid = reply.metadata.src_node_id
+        sent = plan.sent.get(nid)
+        if sent is None or reply.has_error():
+            return reply
+        up = bytes_of(reply)
+        least = self.smallest_upload.get(sent.upload_key)
+        self.smallest_upload[sent.upload_key] = up if least is None else min(least, up)
+        timing = replace(sent.timing, upload_s=up / sent.bandwidth_bps)
+        clock.timings[nid] = timing
+        if sent.deadline_s > 0 and timing.total_s > sent.deadline_s:
+            clock.late[nid] = sent.deadline_s
+            return _error(
+                sent.message,
+                f"simulated straggler: {timing.total_s:.2f}s (upload {up} bytes) "
+                f"missed the deadline {sent.deadline_s:.2f}s",
+            )
+        metrics = reply.content.metric_records.get("metrics")
+        if metrics is not None and "train-duration" in metrics:
+            metrics["train-duration"] = timing.total_s
+        return reply
 
 
 def _error(

@@ -9,8 +9,11 @@ Model
 -----
 * compute speed ``s ~ LogNormal(0, speed_sigma)`` (median 1);
 * bandwidth ``b = median * LogNormal(0, bandwidth_sigma)`` in bytes per second;
-* a round of ``e`` local epochs on ``n`` examples moving ``B`` bytes (download plus
-  upload) takes ``n * e * example_cost_s / s + B / b`` simulated seconds;
+* a round of ``e`` local epochs on ``n`` examples that downloads ``D`` bytes and
+  uploads ``U`` takes ``n * e * example_cost_s / s + (D + U) / b`` simulated seconds;
+  ``U`` is the reply's real size, so a compressed upload shortens the round (before
+  the reply exists, ``U`` is predicted: :class:`Timing` with ``upload_s=None``
+  assumes a dense upload, ``D`` bytes);
 * the client drops out of round ``r`` with probability ``dropout`` (a fresh draw per
   round): it never replies;
 * a round lasts as long as its slowest accepted client, or the whole deadline when a
@@ -40,16 +43,43 @@ class DeviceProfile:
 
 @dataclass(frozen=True)
 class Timing:
-    """Simulated seconds of one client's round."""
+    """Simulated seconds of one client's round.
+
+    Attributes
+    ----------
+    compute_s : float
+        Local training.
+    comm_s : float
+        Moving the dense model down and up (twice the download time): the client's
+        link, whatever codec it uploads with. This is what policies see as
+        ``ClientState.comm_s``.
+    epochs : int
+        Local epochs trained.
+    upload_s : float or None
+        The upload actually sent (the reply's bytes over the bandwidth); ``None``:
+        not measured, a dense upload (``comm_s / 2``) is assumed.
+    """
 
     compute_s: float
     comm_s: float
     epochs: int
+    upload_s: float | None = None
+
+    @property
+    def download_s(self) -> float:
+        """Seconds to download the model (half of :attr:`comm_s`)."""
+        return self.comm_s / 2
+
+    @property
+    def transfer_s(self) -> float:
+        """Download plus the real upload (the dense one if not measured)."""
+        up = self.download_s if self.upload_s is None else self.upload_s
+        return self.download_s + up
 
     @property
     def total_s(self) -> float:
-        """Compute plus communication."""
-        return self.compute_s + self.comm_s
+        """Compute, download and upload: the client's round."""
+        return self.compute_s + self.transfer_s
 
     @property
     def epoch_s(self) -> float:
@@ -104,19 +134,27 @@ def client_timing(
     *,
     examples: int,
     epochs: int,
-    bytes_moved: int,
+    bytes_down: int,
     example_cost_s: float,
+    bytes_up: int | None = None,
 ) -> Timing:
-    """Return the simulated compute and communication time of one round."""
-    if examples < 0 or epochs < 0 or bytes_moved < 0 or example_cost_s < 0:
+    """Return the simulated compute and communication time of one round.
+
+    ``bytes_down`` is the model sent to the client; ``bytes_up`` its reply's real
+    size (``None``: not known yet, a dense upload of ``bytes_down`` is assumed).
+    """
+    up = 0 if bytes_up is None else bytes_up
+    if examples < 0 or epochs < 0 or bytes_down < 0 or up < 0 or example_cost_s < 0:
         raise ValueError(
-            f"examples={examples}, epochs={epochs}, bytes_moved={bytes_moved} and "
-            f"example_cost_s={example_cost_s} must be >= 0"
+            f"examples={examples}, epochs={epochs}, bytes_down={bytes_down}, "
+            f"bytes_up={bytes_up} and example_cost_s={example_cost_s} must be >= 0"
         )
+    bw = profile.bandwidth_bps
     return Timing(
         compute_s=examples * epochs * example_cost_s / profile.speed,
-        comm_s=bytes_moved / profile.bandwidth_bps,
+        comm_s=2 * bytes_down / bw,
         epochs=epochs,
+        upload_s=None if bytes_up is None else bytes_up / bw,
     )
 
 
@@ -124,9 +162,10 @@ def epochs_within(deadline_s: float, timing: Timing, max_epochs: int) -> int:
     """Return the most whole epochs (at most ``max_epochs``) that meet the deadline.
 
     ``timing`` is the client's timing for any number of epochs (its per-epoch compute
-    and communication are what count); 0 means not even one epoch fits.
+    and its download plus upload, :attr:`Timing.transfer_s`, are what count); 0 means
+    not even one epoch fits.
     """
-    room = deadline_s - timing.comm_s
+    room = deadline_s - timing.transfer_s
     if room < 0:
         return 0
     if timing.epoch_s <= 0:

@@ -152,7 +152,13 @@ def test_guard_keeps_the_default_codec_allowed_without_limits() -> None:
 def test_prompt_renders_with_allowed_codecs() -> None:
     obs = _obs([1.0, 2.0])
     prompt = render_prompt(obs)
-    assert "codecs" not in json.dumps([m["content"] for m in prompt.messages])
+    body = json.loads(prompt.messages[1]["content"])
+    # The limits table carries numbers only; the task text offers the codecs.
+    assert "codecs" not in body["limits"]
+    assert (
+        "compression (each allocation's upload codec): none = "
+        in (prompt.messages[0]["content"])
+    )
 
 
 def test_config_bounds_the_codecs() -> None:

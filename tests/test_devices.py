@@ -89,14 +89,41 @@ def test_client_timing_known_answer() -> None:
         DeviceProfile(speed=2.0, bandwidth_bps=5e5),
         examples=100,
         epochs=2,
-        bytes_moved=1_000_000,
+        bytes_down=500_000,
         example_cost_s=0.01,
     )
 
     assert math.isclose(t.compute_s, 1.0)
-    assert math.isclose(t.comm_s, 2.0)
+    assert math.isclose(t.comm_s, 2.0)  # 500 kB down and, not measured, dense up
+    assert t.upload_s is None
+    assert math.isclose(t.transfer_s, 2.0)
     assert math.isclose(t.total_s, 3.0)
     assert math.isclose(t.epoch_s, 0.5)
+
+
+def test_client_timing_with_the_real_upload() -> None:
+    t = client_timing(
+        DeviceProfile(speed=2.0, bandwidth_bps=5e5),
+        examples=100,
+        epochs=2,
+        bytes_down=500_000,
+        bytes_up=125_000,  # an 8-bit update: a quarter of the model
+        example_cost_s=0.01,
+    )
+
+    assert math.isclose(t.comm_s, 2.0)  # the link: the dense model down and up
+    assert math.isclose(t.download_s, 1.0)
+    assert t.upload_s is not None and math.isclose(t.upload_s, 0.25)
+    assert math.isclose(t.total_s, 1.0 + 1.0 + 0.25)
+    with pytest.raises(ValueError, match="bytes_up=-1"):
+        client_timing(
+            DeviceProfile(speed=1.0, bandwidth_bps=1.0),
+            examples=1,
+            epochs=1,
+            bytes_down=1,
+            bytes_up=-1,
+            example_cost_s=0.01,
+        )
 
 
 def test_epochs_within_the_deadline() -> None:
@@ -106,6 +133,10 @@ def test_epochs_within_the_deadline() -> None:
     assert epochs_within(2.5, t, max_epochs=3) == 3
     assert epochs_within(0.9, t, max_epochs=3) == 0
     assert epochs_within(0.4, t, max_epochs=3) == 0
+    # A measured upload of 0.05 s instead of the dense 0.25 s leaves more room.
+    small = Timing(compute_s=1.0, comm_s=0.5, epochs=2, upload_s=0.05)
+    assert epochs_within(2.5, small, max_epochs=10) == 4  # (2.5 - 0.3) / 0.5 = 4.4
+    assert epochs_within(0.8, small, max_epochs=3) == 1  # 0.5 fits in 0.5 of room
 
 
 def test_round_duration() -> None:

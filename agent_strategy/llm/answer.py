@@ -15,11 +15,20 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..types import AggregationRule, Allocation, Decision, Flag, Observation
+from ..guard import allowed_codecs
+from ..types import (
+    AggregationRule,
+    Allocation,
+    Compression,
+    Decision,
+    Flag,
+    Observation,
+)
 
 AnswerKind = Literal["parse", "schema", "invalid"]
 MAX_WEIGHT = 1e6
@@ -53,11 +62,23 @@ class _Answer(BaseModel):
 
 
 class AllocationAnswer(_Answer):
-    """Local epochs and learning rate for one selected client."""
+    """Local epochs, learning rate and optionally the upload codec of one client.
+
+    ``compression`` is one of the codec names (case and surrounding blanks ignored);
+    ``None`` (absent or ``null``) leaves the codec to the fallback policy. Whether the
+    codec is *allowed* (:func:`~agent_strategy.guard.allowed_codecs`) is the guard's
+    check, not the parser's.
+    """
 
     id: str
     local_epochs: int
     lr: float
+    compression: Compression | None = None
+
+    @field_validator("compression", mode="before")
+    @classmethod
+    def _codec_name(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
 
 
 class FlagAnswer(_Answer):
@@ -147,7 +168,10 @@ def answer_schema(obs: Observation, ids: list[str] | None = None) -> dict[str, A
     """Return the JSON schema of the answer for ``obs.phase``.
 
     The aggregate answer has an ``aggregation`` property (one of ``limits.rules``, or
-    ``null``) only when the limits allow more than one rule.
+    ``null``) only when the limits allow more than one rule; likewise each train
+    allocation has a ``compression`` property (one of
+    :func:`~agent_strategy.guard.allowed_codecs`, or ``null``) only when more than
+    one codec is allowed (``compression.adaptive``).
 
     Parameters
     ----------
@@ -166,6 +190,22 @@ def answer_schema(obs: Observation, ids: list[str] | None = None) -> dict[str, A
     lim = obs.limits
     rationale = {"type": "string", "maxLength": 500}
     if obs.phase == "train":
+        alloc: dict[str, Any] = {
+            "id": _id_schema(ids),
+            "local_epochs": {
+                "type": "integer",
+                "minimum": lim.min_epochs,
+                "maximum": lim.max_epochs,
+            },
+            "lr": {"type": "number", "minimum": lim.lr_min, "maximum": lim.lr_max},
+        }
+        codecs = allowed_codecs(obs)
+        if len(codecs) > 1:
+            # Required but nullable, as the aggregation rule: null keeps the
+            # fallback policy's codec. Only the allowed codecs are offered.
+            alloc["compression"] = {
+                "anyOf": [{"type": "string", "enum": list(codecs)}, {"type": "null"}]
+            }
         return {
             "type": "object",
             "properties": {
@@ -179,20 +219,8 @@ def answer_schema(obs: Observation, ids: list[str] | None = None) -> dict[str, A
                     "type": "array",
                     "items": {
                         "type": "object",
-                        "properties": {
-                            "id": _id_schema(ids),
-                            "local_epochs": {
-                                "type": "integer",
-                                "minimum": lim.min_epochs,
-                                "maximum": lim.max_epochs,
-                            },
-                            "lr": {
-                                "type": "number",
-                                "minimum": lim.lr_min,
-                                "maximum": lim.lr_max,
-                            },
-                        },
-                        "required": ["id", "local_epochs", "lr"],
+                        "properties": alloc,
+                        "required": list(alloc),
                         "additionalProperties": False,
                     },
                 },
@@ -374,11 +402,13 @@ def to_decision(
     answer: TrainAnswer | AggregateAnswer,
     obs: Observation,
     default_rule: AggregationRule | None = None,
+    default_codecs: Mapping[str, Compression] | None = None,
 ) -> Decision:
     """Convert a validated answer into a ``Decision(source="llm")``.
 
     Selected clients without an allocation get the observation's defaults; every
-    allocation gets ``limits.deadline_s`` and the run's default compression. Text is
+    allocation gets ``limits.deadline_s``, and the codec the answer gives it, else
+    its ``default_codecs`` entry, else the run's default compression. Text is
     stripped of control characters and cut to the decision's length limits.
 
     Parameters
@@ -391,6 +421,11 @@ def to_decision(
         The aggregation rule when an aggregate answer names none (the fallback
         policy's choice); ``None``: ``limits.rules[0]``. The rationale ends with the
         rule and where it came from (``llm`` or ``default``).
+    default_codecs : Mapping or None
+        The codec of each client whose allocation names none (the fallback policy's
+        choice). When more than one codec is allowed, or the answer names one, the
+        train rationale ends with each selected client's codec and where it came
+        from (``llm`` or ``default``).
     """
     flags = tuple(
         Flag(id=f.id, kind=f.kind, reason=clean_text(f.reason, 300) or "llm")
@@ -399,15 +434,26 @@ def to_decision(
     rationale = clean_text(answer.rationale, 2000)
     if isinstance(answer, TrainAnswer):
         given = {a.id: a for a in answer.allocations}
+        defaults = default_codecs or {}
         allocations = {}
+        origins: list[str] = []
         for cid in answer.selected:
             a = given.get(cid)
+            if a is not None and a.compression is not None:
+                codec, origin = a.compression, "llm"
+            else:
+                codec, origin = defaults.get(cid, obs.default_compression), "default"
+            origins.append(f"{cid} {codec} ({origin})")
             allocations[cid] = Allocation(
                 local_epochs=max(a.local_epochs, 1) if a else obs.default_epochs,
                 lr=a.lr if a else obs.default_lr,
-                compression=obs.default_compression,
+                compression=codec,
                 deadline_s=obs.limits.deadline_s,
             )
+        named = any(a.compression is not None for a in answer.allocations)
+        if len(allowed_codecs(obs)) > 1 or named:
+            note = f" [codecs {', '.join(origins)}]"
+            rationale = rationale[: max(2000 - len(note), 0)] + note[:2000]
         return Decision(
             selected=tuple(answer.selected),
             allocations=allocations,

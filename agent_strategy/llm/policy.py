@@ -13,8 +13,10 @@ the reason is kept in :attr:`LLMPolicy.last_call` and counted in
 An answer the guard had to repair is still the LLM's decision (not a fallback): the
 changes are in :attr:`CallRecord.guard_changes` (and the decision log), and
 :attr:`LLMPolicy.corrections` counts them (``guard``: decisions changed,
-``aggregation``: a rule outside ``limits.rules`` replaced by the first allowed one).
-An aggregate answer without a rule gets the fallback policy's rule.
+``aggregation``: a rule outside ``limits.rules`` replaced by the first allowed one,
+``compression``: allocations whose codec was not allowed, replaced by the run's
+default codec). An aggregate answer without a rule gets the fallback policy's rule;
+a train allocation without a codec gets the fallback policy's codec for that client.
 """
 
 from __future__ import annotations
@@ -27,10 +29,17 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
-from ..guard import GuardError, guard
+from ..deterministic import bandwidth_codecs
+from ..guard import GuardError, allowed_codecs, guard
 from ..policy import Policy
-from ..types import AggregationRule, Decision, Observation
-from .answer import AggregateAnswer, InvalidAnswer, parse_answer, to_decision
+from ..types import AggregationRule, Compression, Decision, Observation
+from .answer import (
+    AggregateAnswer,
+    InvalidAnswer,
+    TrainAnswer,
+    parse_answer,
+    to_decision,
+)
 from .backend import (
     Backend,
     BackendError,
@@ -72,6 +81,14 @@ class _Fallback(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def _lacks_codec(answer: TrainAnswer, obs: Observation) -> bool:
+    """Whether codecs may vary and some selected client's allocation names none."""
+    if len(allowed_codecs(obs)) < 2:
+        return False
+    named = {a.id for a in answer.allocations if a.compression is not None}
+    return any(cid not in named for cid in answer.selected)
 
 
 def _sha256(text: str) -> str:
@@ -274,7 +291,10 @@ class LLMPolicy:
             default_rule = None
             if isinstance(answer, AggregateAnswer) and answer.aggregation is None:
                 default_rule = self._default_rule(obs)
-            decision = to_decision(answer, obs, default_rule)
+            default_codecs = None
+            if isinstance(answer, TrainAnswer) and _lacks_codec(answer, obs):
+                default_codecs = self._default_codecs(obs)
+            decision = to_decision(answer, obs, default_rule, default_codecs)
             try:
                 guarded = guard(decision, obs)
             except GuardError as e:
@@ -363,6 +383,33 @@ class LLMPolicy:
             )
             return obs.limits.rules[0]
 
+    def _default_codecs(self, obs: Observation) -> dict[str, Compression]:
+        """Return the fallback policy's upload codec for each client of ``obs``.
+
+        Asked only when codecs may vary and the LLM's train answer leaves some
+        selected client's codec open. A client the fallback policy selected gets the
+        codec of its allocation; any other client the codec the deterministic
+        bandwidth rule gives it (:func:`~agent_strategy.deterministic.
+        bandwidth_codecs`, which does not depend on the selection), else the run's
+        default. A fallback that raises leaves the bandwidth rule alone (logged).
+        """
+        try:
+            allocations = self.fallback.decide(obs).allocations
+        except Exception:  # noqa: BLE001 - the LLM's allocations stay usable
+            log.exception(
+                "round %d: fallback policy failed while choosing codecs; using the "
+                "bandwidth rule",
+                obs.round,
+            )
+            allocations = {}
+        rule = bandwidth_codecs(obs, getattr(self.fallback, "topk_fraction", 0.01))
+        return {
+            c.id: allocations[c.id].compression
+            if c.id in allocations
+            else rule.get(c.id, obs.default_compression)
+            for c in obs.clients
+        }
+
     def _count_corrections(
         self,
         obs: Observation,
@@ -374,11 +421,26 @@ class LLMPolicy:
 
         ``guard`` counts every decision the guard changed; ``aggregation`` the
         aggregate answers whose rule was not among ``limits.rules`` (the guard used
-        the first allowed rule instead).
+        the first allowed rule instead); ``compression`` the train allocations whose
+        codec was not allowed (the guard used the run's default codec instead).
         """
         if not changes:
             return
         self.corrections["guard"] += 1
+        replaced = [
+            f"{cid} {a.compression!r} -> {done.allocations[cid].compression!r}"
+            for cid, a in asked.allocations.items()
+            if cid in done.allocations
+            and done.allocations[cid].compression != a.compression
+        ]
+        if obs.phase == "train" and replaced:
+            self.corrections["compression"] += len(replaced)
+            log.warning(
+                "round %d train: LLM chose codecs not allowed (%s): %s",
+                obs.round,
+                ", ".join(allowed_codecs(obs)),
+                "; ".join(replaced),
+            )
         if obs.phase == "aggregate" and asked.aggregation != done.aggregation:
             self.corrections["aggregation"] += 1
             log.warning(

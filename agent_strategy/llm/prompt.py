@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from ..deterministic import utilities
-from ..types import AggregationRule, Decision, Observation
+from ..guard import allowed_codecs
+from ..types import AggregationRule, Compression, Decision, Observation
 from .answer import answer_schema
 
 _PLAN_CHARS = re.compile(r"[^a-z0-9_-]")
@@ -96,6 +97,21 @@ RULE_MEANINGS: dict[AggregationRule, str] = {
 _RULE_TASK = (
     "aggregation (the rule applied with the weights): {rules}; null = the server's "
     "default."
+)
+CODEC_MEANINGS: dict[Compression, str] = {
+    "none": "float32, full size",
+    "q8": "8-bit quantized, 1/4 of the size",
+    "q4": "4-bit quantized, 1/8 of the size",
+    "topk": "largest entries only (top-k with error feedback), a few percent of the "
+    "size",
+    "topk_q8": "top-k with 8-bit values, smaller still",
+}
+"""One line per upload codec, shown in the train-phase task when codecs vary."""
+_CODEC_TASK = (
+    "compression (each allocation's upload codec): {codecs}; null = the server's "
+    "bandwidth-based choice. comm_s is the time to move the full model down and up: "
+    "a client with a high comm_s (slow link) finishes sooner with a smaller codec, "
+    "and smaller codecs are noisier."
 )
 
 
@@ -219,6 +235,11 @@ def _system_text(obs: Observation) -> str:
             lrmax=lim.lr_max,
             lrdef=obs.default_lr,
         )
+        codecs = allowed_codecs(obs)
+        if len(codecs) > 1:
+            task += " " + _CODEC_TASK.format(
+                codecs="; ".join(f"{c} = {CODEC_MEANINGS[c]}" for c in codecs)
+            )
     else:
         task = _AGG_TASK.format(share=lim.max_weight_share, deadline=lim.deadline_s)
         if len(lim.rules) > 1:
@@ -247,8 +268,7 @@ def _user_text(
         "limits": {
             k: num(v)
             for k, v in obs.limits.model_dump().items()
-            # not numbers; the task text lists the allowed rules, and answers
-            # choose no codec
+            # not numbers; the task text lists the allowed rules and codecs
             if k not in ("rules", "codecs")
         },
     }
