@@ -37,13 +37,24 @@ Detectors
   must agree: honest non-IID clients with a near-zero or slightly negative cosine
   are common, but their norms are ordinary or small (a low cosine alone flagged
   about one honest reply in 20 on the benchmark task);
-* duplicates: an update identical to another reply's (collusion, free-riding).
+* duplicates: an update identical to another reply's (collusion, free-riding);
+* server-checked loss (``checked_loss`` / ``checked_accuracy``, measured by
+  :mod:`fl_server.loss_check` on the server's own validation set): the candidate
+  model ``global + update`` has an accuracy at most ``checked_accuracy_ratio`` times
+  the round's accuracy centre *and* a loss at least ``min_loss_excess`` nats above
+  the round's loss centre (:func:`loss_reference`). This is what catches label
+  flipping, whose updates have ordinary norms and directions but whose models are
+  systematically wrong. The loss alone does not separate them: under Dirichlet 0.5
+  honest candidates' losses reach 4-6x the centre late in training (a client with
+  two or three classes forgets the others) while their accuracy stays above 0.4x
+  the centre's after the first rounds; flipped models score near or under chance.
 
 The Krum ratio is reported in the reason but is not a detector of its own: it is
 mostly the norm again, and alone it flagged honest clients with a large norm.
 With fewer than ``min_replies_for_z`` replies there is no core: the reference is the
 median of all replies and the z-score condition is dropped. Label flipping is not
-detected by these features (its updates look like honest non-IID ones).
+detected by the update geometry (its updates look like honest non-IID ones); only
+the server-checked loss catches it.
 """
 
 from __future__ import annotations
@@ -75,6 +86,8 @@ class DetectionParams:
     core_cap: float = 2.0
     majority_norm_ratio: float = 3.0
     repeat_norm_ratio: float = 2.0
+    checked_accuracy_ratio: float = 0.4
+    min_loss_excess: float = 0.5
 
     def __post_init__(self) -> None:
         if self.z_threshold <= 0 or self.min_log_spread <= 0:
@@ -90,6 +103,11 @@ class DetectionParams:
             self.majority_norm_ratio,
             self.repeat_norm_ratio,
         )
+        if not 0 < self.checked_accuracy_ratio < 1 or self.min_loss_excess < 0:
+            raise ValueError(
+                "need 0 < checked_accuracy_ratio < 1 and min_loss_excess >= 0, got "
+                f"{self.checked_accuracy_ratio} and {self.min_loss_excess}"
+            )
         if min(ratios) < 1 or self.strong_reversal < 0:
             raise ValueError(
                 "need big_norm_ratio, core_cap, majority_norm_ratio, "
@@ -166,6 +184,37 @@ def reference(
     return ref, max(mad / _MAD_TO_SD, params.min_log_spread), True, far_majority
 
 
+def loss_reference(
+    replies: Sequence[ReplyFeatures], params: DetectionParams = DetectionParams()
+) -> tuple[float, float] | None:
+    """Return the round's server-checked ``(loss centre, accuracy centre)``, or None.
+
+    The loss centre is the median of the better half of the checked losses (the
+    ``ceil(n / 2)`` lowest), the accuracy centre the median of the better half of
+    the checked accuracies (the highest): both stay an honest reply's value while
+    at least a quarter of the round is honest, so attackers that are a majority of
+    a round (6 of 10 happens with 40% malicious clients) do not move them. None
+    when the replies were not checked (``checked_loss`` None) or when there are
+    fewer than ``params.min_replies_for_z`` of them.
+
+    Raises
+    ------
+    ValueError
+        If only some replies were checked.
+    """
+    checked = [r.checked_loss is not None for r in replies]
+    if not any(checked):
+        return None
+    if not all(checked) or any(r.checked_accuracy is None for r in replies):
+        raise ValueError("the server checked the loss of only some of the replies")
+    if len(replies) < params.min_replies_for_z:
+        return None
+    half = math.ceil(len(replies) / 2)
+    losses = np.sort([float(r.checked_loss or 0.0) for r in replies])
+    accs = np.sort([float(r.checked_accuracy or 0.0) for r in replies])[::-1]
+    return float(np.median(losses[:half])), float(np.median(accs[:half]))
+
+
 def detect(
     replies: Sequence[ReplyFeatures],
     params: DetectionParams = DetectionParams(),
@@ -206,6 +255,7 @@ def detect(
     # is enough.
     big = params.majority_norm_ratio if far_majority else None
     log_ref = math.log(max(ref, 1e-12))
+    checked = loss_reference(replies, params)
 
     scored: list[tuple[float, int, Flag]] = []
     for i, r in enumerate(replies):
@@ -247,6 +297,22 @@ def detect(
             )
             gap = params.min_cosine - cos
             severity = max(severity, thr + 10 * gap + math.log(ratio))
+        if checked is not None:
+            loss, acc = r.checked_loss, r.checked_accuracy
+            assert loss is not None and acc is not None  # loss_reference checked
+            acc_ratio = acc / checked[1] if checked[1] > 0 else 1.0
+            excess = loss - checked[0]
+            if (
+                acc_ratio <= params.checked_accuracy_ratio
+                and excess >= params.min_loss_excess
+            ):
+                vs = "" if r.loss_gap is None else f", {r.loss_gap:+.2f} vs reported"
+                reasons.append(
+                    f"server-checked accuracy {acc:.2f} is {acc_ratio:.2f}x the "
+                    f"round's {checked[1]:.2f}, loss {loss:.2f} vs {checked[0]:.2f}"
+                    f"{vs} (a model trained on wrong labels?)"
+                )
+                severity = max(severity, thr + 10 * (1 - acc_ratio) + min(excess, 10))
         if r.duplicates:
             reasons.append(
                 f"update identical to {r.duplicates} other repl"

@@ -97,6 +97,18 @@ class ReplyFeatures(_Frozen):
     duplicates: int | None = Field(
         0, ge=0, description="other replies of this round with an identical update"
     )
+    checked_loss: float | None = Field(
+        None,
+        ge=0,
+        description="cross-entropy of global + this update on the server's own "
+        "validation set; None: not checked (defense.loss_check_examples=0)",
+    )
+    checked_accuracy: float | None = Field(
+        None, ge=0, le=1, description="accuracy of global + this update there"
+    )
+    loss_gap: float | None = Field(
+        None, description="checked_loss - train_loss (server's minus reported)"
+    )
 
 
 class Limits(_Frozen):

@@ -146,6 +146,8 @@ def _load(runs_dir: Path) -> list[dict[str, Any]]:
                 "accuracy": [r["accuracy"] for r in results],
                 "detection": (summary.get("attack") or {}).get("detection"),
                 "malicious_flags": _malicious_flags(results_path.parent),
+                # fl_server.loss_check: None for runs made before it existed
+                "loss_check": summary.get("loss_check"),
             }
         )
     return rows
@@ -279,6 +281,29 @@ def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
                 "seeds": n,
             }
         )
+    agent_rows = [r for r in rows if r["strategy"] == "agent"]
+    checked = [r for r in agent_rows if r["loss_check"]]
+    unchecked = sorted(r["name"] for r in agent_rows if not r["loss_check"])
+    if checked:
+        per_round = statistics.median(
+            r["loss_check"]["seconds_per_round"] for r in checked
+        )
+        share = statistics.median(
+            r["loss_check"]["seconds"] / r["wall_s"] for r in checked if r["wall_s"]
+        )
+        lines += [
+            "",
+            f"Server loss check (`fl_server/loss_check.py`, "
+            f"{checked[0]['loss_check']['examples']} validation examples, "
+            f"{len(checked)} agent runs): median {per_round:.2f} s per round, "
+            f"{100 * share:.0f}% of the run's wall time.",
+        ]
+    if unchecked:
+        lines += [
+            "",
+            "Agent runs made before the server loss check existed (their detection "
+            "has no loss check): " + ", ".join(f"`{n}`" for n in unchecked) + ".",
+        ]
     stopped = [r for r in rows if r["stopped_at_round"] and not r["error"]]
     crashed = [r for r in rows if r["error"]]
     lines += [
@@ -427,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     deadline = _next_utc(args.stop_after) if args.stop_after else None
-    runs_dir = Path(args.runs_dir).resolve()
+    runs_dir = Path(args.runs_dir).absolute()  # a symlinked runs dir stays relative
     out = Path(args.out)
     command = "python -m experiments.bench_robustness " + " ".join(
         a

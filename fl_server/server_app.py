@@ -36,6 +36,7 @@ from .attack_report import detection_scores
 from .baselines import build_baseline
 from .client_features import ClientFeatures
 from .device_grid import DeviceSimulator
+from .loss_check import LossChecker
 from .metering import MeteredGrid
 from .policy_setup import PolicySetup, detection_params, open_policy
 from .privacy import with_client_dp
@@ -149,6 +150,7 @@ def build_strategy(
         trim_beta=cfg.strategy.trim_beta,
         krum_byzantine=cfg.strategy.krum_byzantine,
         update_geometry=uses_update_geometry(setup.policy),
+        loss_check=LossChecker.from_config(cfg),
     )
 
 
@@ -304,6 +306,9 @@ def _run_server(
         "policy_stats": strategy.policy_stats()
         if isinstance(strategy, AgentStrategy)
         else {},
+        "loss_check": strategy.loss_check.stats()
+        if isinstance(strategy, AgentStrategy) and strategy.loss_check is not None
+        else None,
         "run_dir": str(run_dir),
         "stopped_early": stopped,
         "resumed_after_round": done if cfg.resume else None,

@@ -50,6 +50,7 @@ from .client_features import ClientFeatures
 from .combine import combine
 from .devices import Timing
 from .features import update_features
+from .loss_check import LossChecker
 from .privacy_metrics import record_client_epsilon
 from .validation import (
     InvalidReply,
@@ -168,6 +169,7 @@ class AgentStrategy(Strategy):
         trim_beta: float = 0.2,
         krum_byzantine: int = 2,
         update_geometry: bool = True,
+        loss_check: LossChecker | None = None,
     ) -> None:
         if min_replies > clients_per_round:
             raise ValueError("min_replies must be at most clients_per_round")
@@ -190,6 +192,7 @@ class AgentStrategy(Strategy):
         self.trim_beta = trim_beta
         self.krum_byzantine = krum_byzantine
         self.update_geometry = update_geometry
+        self.loss_check = loss_check  # fl_server.loss_check; None: off
         self.history: list[dict[str, Any]] = []
         self.decisions = 0
         self.llm_latencies: list[float] = []
@@ -411,6 +414,11 @@ class AgentStrategy(Strategy):
 
         ids = sorted(valid, key=lambda c: int(c[1:]))
         feats = update_features(updates, geometry=self.update_geometry, norms=norms)
+        lc = (
+            self.loss_check.check(self._global, updates, self._spec, self._kept)
+            if self.loss_check is not None
+            else None
+        )
 
         def geo(name: str, c: str) -> Any:
             return feats[name][row_of[c]].item() if name in feats else None
@@ -426,6 +434,7 @@ class AgentStrategy(Strategy):
                 krum_ratio=geo("krum_ratio", c),
                 distance_rank=geo("distance_rank", c),
                 duplicates=geo("duplicates", c),
+                **(lc.fields(row_of[c], valid[c].train_loss) if lc else {}),
             )
             for c in ids
         )

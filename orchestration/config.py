@@ -291,6 +291,13 @@ class DefenseConfig(_Section):
         description="cosine to the median below which an amplified reply (norm >= "
         "1.5x the reference) is flagged; 0.3 lower, any norm >= the reference",
     )
+    loss_check_examples: int = Field(
+        256,
+        ge=0,
+        le=100_000,
+        description="server validation examples on which each reply's candidate "
+        "model is evaluated (fl_server.loss_check); 0 = no loss check",
+    )
     exclude_after: int = Field(
         2, ge=1, description="consecutive flags (or rejections) before exclusion"
     )

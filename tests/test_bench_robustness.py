@@ -91,7 +91,12 @@ def test_report_scores_cells_failed_runs_and_clean_flags(tmp_path: Path) -> None
         0.2,
         "agent",
         [0.1, 0.89],
-        {"final_accuracy": 0.89, "wall_s": 1.0, "attack": _det(9, 1, 3)},
+        {
+            "final_accuracy": 0.89,
+            "wall_s": 2.0,
+            "attack": _det(9, 1, 3),
+            "loss_check": {"examples": 256, "seconds": 0.5, "seconds_per_round": 0.25},
+        },
     )
     for s, acc in [("fedavg", 0.1), ("fedtrimmedavg", 0.85), ("multikrum", 0.88)]:
         _run(
@@ -131,6 +136,12 @@ def test_report_scores_cells_failed_runs_and_clean_flags(tmp_path: Path) -> None
     assert (
         "| noise | 20% | 89.0 | 10.0 | 85.0 | 88.0 | 30.0 | 1.0 | -1.0 | 0.90 |" in text
     )
+    assert (
+        "256 validation examples, 1 agent runs): median 0.25 s per round, 25% of"
+        in text
+    )
+    assert "before the server loss check existed (their detection has no loss " in text
+    assert "check): `clean-agent-s0`." in text
     assert text.endswith("## Misses\n\nnone\n")
     assert (out.parent / "robustness.json").exists()
     assert (out.parent / "robustness_accuracy_f20.png").exists()
