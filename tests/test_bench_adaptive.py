@@ -34,28 +34,22 @@ def test_dense_replay_reproduces_a_real_run(tmp_path: Path) -> None:
     replay must reproduce its bytes and clock (it raises otherwise), and float32
     uploads would have made its rounds longer once codecs are allocated."""
     from inprocess import InProcessGrid
+    from support.client_runs import tiny_config
 
     from experiments.bench_adaptive_compression import dense_replay
     from fl_client.client_app import make_client_app
     from fl_server.server_app import run_server
-    from orchestration.config import RunConfig
 
-    cfg = RunConfig.from_flat(
-        {
-            "dataset.name": "digits",
-            "model.name": "mlp",
-            "num_clients": 4,
-            "clients_per_round": 4,
-            "num_rounds": 3,
-            "output_dir": str(tmp_path),
-            "run_name": "adaptive",
-            "policy.name": "deterministic",
+    cfg = tiny_config(
+        tmp_path,
+        "adaptive",
+        **{
             "compression.adaptive": True,
             "devices.enabled": True,
             "devices.speed_sigma": 0.0,
             "devices.bandwidth_sigma": 1.5,
             "devices.bandwidth_median_mbps": 0.08,
-        }
+        },
     )
     run_server(InProcessGrid(make_client_app(cfg), 4), cfg)
 

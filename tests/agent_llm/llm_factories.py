@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import litellm
+import pytest
 from support.factories import limits, plain_train_obs
 
 from agent_strategy import (
@@ -18,6 +20,30 @@ from agent_strategy import (
 from agent_strategy.llm import Budget, LLMPolicy
 
 STUB_MODEL = "openai/stub-model"
+MOCK_MODEL = "openai/gpt-4o-mini"  # litellm mock_response only: no request is sent
+
+
+def mock_completion(monkeypatch: pytest.MonkeyPatch, text: str) -> list[dict[str, Any]]:
+    """Answer every ``litellm.completion`` with ``text``; return the calls' kwargs."""
+    calls: list[dict[str, Any]] = []
+    original = litellm.completion
+
+    def fake(**kw: Any) -> Any:
+        calls.append(kw)
+        return original(mock_response=text, **kw)
+
+    monkeypatch.setattr(litellm, "completion", fake)
+    return calls
+
+
+def mock_policy(fallback: DeterministicPolicy | None = None) -> LLMPolicy:
+    """Return an LLM policy for ``mock_completion`` answers (one attempt)."""
+    return LLMPolicy(
+        MOCK_MODEL,
+        api_key="sk-test",
+        fallback=fallback or DeterministicPolicy(seed=0),
+        max_attempts=1,
+    )
 
 
 def client(i: int, seen: bool = True) -> ClientState:

@@ -10,7 +10,6 @@ import json
 import logging
 from typing import Any, get_args
 
-import litellm
 import pytest
 from support.openai_stub import OpenAIStub, Reply
 
@@ -19,7 +18,7 @@ from agent_strategy import (
     DeterministicPolicy,
     Observation,
 )
-from agent_strategy.llm import LLMPolicy, PolicyRouter
+from agent_strategy.llm import PolicyRouter
 from agent_strategy.llm.answer import (
     AggregateAnswer,
     InvalidAnswer,
@@ -29,9 +28,15 @@ from agent_strategy.llm.answer import (
 from agent_strategy.llm.prompt import RULE_MEANINGS, render_prompt
 from agent_strategy.types import AggregationRule
 
-from .llm_factories import aggregate_obs, assert_obeys_guard, limits, stub_policy
+from .llm_factories import (
+    aggregate_obs,
+    assert_obeys_guard,
+    limits,
+    mock_completion,
+    mock_policy,
+    stub_policy,
+)
 
-MOCK_MODEL = "openai/gpt-4o-mini"
 _MISSING = object()
 
 
@@ -48,28 +53,6 @@ def _answer(rule: Any = _MISSING, n: int = 5) -> str:
 
 def _obs(*rules: AggregationRule, **kw: Any) -> Observation:
     return aggregate_obs(limits=limits(rules=rules, **kw))
-
-
-def _mock(monkeypatch: pytest.MonkeyPatch, text: str) -> list[dict[str, Any]]:
-    """Answer every ``litellm.completion`` with ``text``; return the calls' kwargs."""
-    calls: list[dict[str, Any]] = []
-    original = litellm.completion
-
-    def fake(**kw: Any) -> Any:
-        calls.append(kw)
-        return original(mock_response=text, **kw)
-
-    monkeypatch.setattr(litellm, "completion", fake)
-    return calls
-
-
-def _policy(fallback: DeterministicPolicy | None = None) -> LLMPolicy:
-    return LLMPolicy(
-        MOCK_MODEL,
-        api_key="sk-test",
-        fallback=fallback or DeterministicPolicy(seed=0),
-        max_attempts=1,
-    )
 
 
 def _suspicious_obs(max_flag_share: float) -> Observation:
@@ -148,8 +131,8 @@ def test_unknown_rule_name_is_a_schema_error(bad: Any) -> None:
 
 # --------------------------------------------------- LLMPolicy via mock_response
 def test_allowed_rule_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = _mock(monkeypatch, _answer("krum"))
-    policy, obs = _policy(), _obs("weighted", "median", "krum")
+    calls = mock_completion(monkeypatch, _answer("krum"))
+    policy, obs = mock_policy(), _obs("weighted", "median", "krum")
 
     decision = policy.decide(obs)
 
@@ -173,8 +156,8 @@ def test_disallowed_rule_is_replaced_counted_and_logged(
     rules: tuple[AggregationRule, ...],
     first: str,
 ) -> None:
-    _mock(monkeypatch, _answer("krum"))
-    policy, obs = _policy(), _obs(*rules)
+    mock_completion(monkeypatch, _answer("krum"))
+    policy, obs = mock_policy(), _obs(*rules)
 
     with caplog.at_level(logging.WARNING, logger="agent_strategy.llm.policy"):
         decision = policy.decide(obs)
@@ -206,8 +189,8 @@ def test_missing_rule_takes_the_deterministic_choice(
     det = DeterministicPolicy(seed=0, detection=DetectionParams())
     obs = _suspicious_obs(flag_share)
     assert det.decide(obs).aggregation == expected  # the premise of the case
-    _mock(monkeypatch, _answer(given))
-    policy = _policy(det)
+    mock_completion(monkeypatch, _answer(given))
+    policy = mock_policy(det)
 
     decision = policy.decide(obs)
 
@@ -220,10 +203,10 @@ def test_missing_rule_takes_the_deterministic_choice(
 def test_router_takes_the_weighting_policys_rule(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _mock(monkeypatch, _answer("trimmed"))
+    mock_completion(monkeypatch, _answer("trimmed"))
     det = DeterministicPolicy(seed=0, detection=DetectionParams())
     obs = _suspicious_obs(0.2)  # the deterministic policy alone would choose median
-    llm = _policy(det)
+    llm = mock_policy(det)
 
     via_llm = PolicyRouter.default(llm, det).decide(obs)
     via_det = PolicyRouter(

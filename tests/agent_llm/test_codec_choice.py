@@ -12,13 +12,11 @@ import json
 import logging
 from typing import Any, get_args
 
-import litellm
 import pytest
 from support.openai_stub import OpenAIStub, Reply
 
-from agent_strategy import Allocation, Decision, DeterministicPolicy, Observation
+from agent_strategy import Allocation, Decision, Observation
 from agent_strategy.deterministic import bandwidth_codecs
-from agent_strategy.llm import LLMPolicy
 from agent_strategy.llm.answer import (
     InvalidAnswer,
     TrainAnswer,
@@ -28,9 +26,15 @@ from agent_strategy.llm.answer import (
 from agent_strategy.llm.prompt import CODEC_MEANINGS, render_prompt
 from agent_strategy.types import Compression
 
-from .llm_factories import assert_obeys_guard, limits, stub_policy, train_obs
+from .llm_factories import (
+    assert_obeys_guard,
+    limits,
+    mock_completion,
+    mock_policy,
+    stub_policy,
+    train_obs,
+)
 
-MOCK_MODEL = "openai/gpt-4o-mini"
 SELECTED = ["c1", "c2", "c4", "c6"]
 _MISSING = object()
 # Seconds to move the dense model down and up; the measured median is 1.0, so the
@@ -64,28 +68,6 @@ def _answer(codecs: dict[str, Any] | None = None) -> str:
             "flags": [],
             "rationale": "slow links compress",
         }
-    )
-
-
-def _mock(monkeypatch: pytest.MonkeyPatch, text: str) -> list[dict[str, Any]]:
-    """Answer every ``litellm.completion`` with ``text``; return the calls' kwargs."""
-    calls: list[dict[str, Any]] = []
-    original = litellm.completion
-
-    def fake(**kw: Any) -> Any:
-        calls.append(kw)
-        return original(mock_response=text, **kw)
-
-    monkeypatch.setattr(litellm, "completion", fake)
-    return calls
-
-
-def _policy(fallback: Any = None) -> LLMPolicy:
-    return LLMPolicy(
-        MOCK_MODEL,
-        api_key="sk-test",
-        fallback=fallback or DeterministicPolicy(seed=0),
-        max_attempts=1,
     )
 
 
@@ -172,8 +154,8 @@ def test_unknown_codec_name_is_a_schema_error(bad: Any) -> None:
 # --------------------------------------------------- LLMPolicy via mock_response
 def test_allowed_codecs_are_used(monkeypatch: pytest.MonkeyPatch) -> None:
     given = {"c1": "q4", "c2": "none", "c4": "q8", "c6": "q8"}
-    calls = _mock(monkeypatch, _answer(given))
-    policy, obs = _policy(), _obs("q8", "q4")
+    calls = mock_completion(monkeypatch, _answer(given))
+    policy, obs = mock_policy(), _obs("q8", "q4")
 
     decision = policy.decide(obs)
 
@@ -189,8 +171,8 @@ def test_disallowed_codecs_are_replaced_counted_and_logged(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     given = {"c1": "topk", "c2": "none", "c4": "q4", "c6": "q8"}
-    _mock(monkeypatch, _answer(given))
-    policy, obs = _policy(), _obs("q8")  # allowed: none, q8
+    mock_completion(monkeypatch, _answer(given))
+    policy, obs = mock_policy(), _obs("q8")  # allowed: none, q8
 
     with caplog.at_level(logging.WARNING, logger="agent_strategy.llm.policy"):
         decision = policy.decide(obs)
@@ -217,8 +199,8 @@ def test_disallowed_codecs_are_replaced_counted_and_logged(
 def test_a_codec_named_when_codecs_are_fixed_is_replaced_and_counted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _mock(monkeypatch, _answer({"c1": "q8"}))
-    policy, obs = _policy(), _obs()
+    mock_completion(monkeypatch, _answer({"c1": "q8"}))
+    policy, obs = mock_policy(), _obs()
 
     decision = policy.decide(obs)
 
@@ -233,8 +215,10 @@ def test_missing_codecs_take_the_deterministic_choice(
     obs = _obs("q8", "q4")
     rule = bandwidth_codecs(obs)
     assert (rule["c1"], rule["c6"], rule["c2"]) == ("q4", "q8", "none")  # premise
-    _mock(monkeypatch, _answer({"c1": given, "c2": given, "c4": "q8", "c6": given}))
-    policy = _policy()
+    mock_completion(
+        monkeypatch, _answer({"c1": given, "c2": given, "c4": "q8", "c6": given})
+    )
+    policy = mock_policy()
 
     decision = policy.decide(obs)
 
@@ -257,8 +241,8 @@ class _Fixed:
 def test_the_fallbacks_own_allocation_codec_comes_first(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _mock(monkeypatch, _answer())
-    policy, obs = _policy(_Fixed()), _obs("q8", "q4")
+    mock_completion(monkeypatch, _answer())
+    policy, obs = mock_policy(_Fixed()), _obs("q8", "q4")
 
     decision = policy.decide(obs)
 
@@ -275,8 +259,8 @@ def test_a_failing_fallback_leaves_the_bandwidth_rule(
         def decide(self, obs: Observation) -> Decision:
             raise RuntimeError("no")
 
-    _mock(monkeypatch, _answer())
-    policy, obs = _policy(Broken()), _obs("q8", "q4")
+    mock_completion(monkeypatch, _answer())
+    policy, obs = mock_policy(Broken()), _obs("q8", "q4")
 
     with caplog.at_level(logging.ERROR, logger="agent_strategy.llm.policy"):
         decision = policy.decide(obs)
