@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import weakref
 from collections.abc import Iterable, Mapping
@@ -344,6 +345,7 @@ class AgentStrategy(Strategy):
         # call), which spares the allocator and page faults a fresh one each round.
         matrix = self._matrix(len(replies))
         row_of: dict[str, int] = {}
+        content_of: dict[str, RecordDict] = {}
         for reply in replies:
             cid = by_node.get(reply.metadata.src_node_id) or by_msg.get(
                 reply.metadata.reply_to_message_id
@@ -382,7 +384,7 @@ class AgentStrategy(Strategy):
                 continue
             valid[cid] = checked
             row_of[cid] = len(row_of)
-            record_client_epsilon(self.info.epsilons, cid, reply.content)
+            content_of[cid] = reply.content
         # Rows stay in arrival order; row_of maps a client to its row.
         updates = matrix[: len(row_of)]
         updates -= self._global
@@ -405,6 +407,8 @@ class AgentStrategy(Strategy):
             keep = [row for row in row_of.values() if finite[row]]
             updates, norms = updates[keep], norms[keep]
             row_of = {c: i for i, c in enumerate(c for c in row_of if c in valid)}
+        for cid in valid:  # accepted replies only, as before the finiteness check
+            record_client_epsilon(self.info.epsilons, cid, content_of[cid])
         for cid in self.info.selected:
             if cid not in valid and cid not in self.info.failures:
                 self._fail(cid, "no reply before the round timeout")
@@ -546,7 +550,7 @@ class AgentStrategy(Strategy):
         at most ``roll_call_timeout_s``; then the caller's roll call decides.
         """
         online = set(grid.get_node_ids())
-        start = last_log = time.monotonic()
+        start, last_log = time.monotonic(), -math.inf
         while len(online) < self.min_replies:
             waited = time.monotonic() - start
             if waited >= self.roll_call_timeout_s:
@@ -559,7 +563,7 @@ class AgentStrategy(Strategy):
                     self.min_replies,
                 )
                 break
-            if waited == 0 or time.monotonic() - last_log >= 10:
+            if time.monotonic() - last_log >= 10:  # at once, then every 10 s
                 log.info(
                     "Waiting for nodes to connect: %d connected (minimum required: "
                     "%d; giving up after %g s)",
