@@ -179,12 +179,23 @@ def trimmed_mean(updates: np.ndarray, beta: float) -> np.ndarray:
 def l2_norms(updates: np.ndarray) -> np.ndarray:
     """Return the L2 norm of each row.
 
-    Sums of squares are float64: never inf for finite float32 rows.
+    Never inf for a row of finite float32 values: a float32 matrix's sums of
+    squares are taken in float32 (one fast pass), and only the rows whose sum came
+    out non-finite (a NaN or inf in the row, or a sum beyond the float32 range) are
+    summed again in float64. The result is float64.
     """
     u = np.asarray(updates)
     if u.ndim != 2:
         return np.asarray(np.linalg.norm(u, axis=-1))
-    return np.sqrt(np.einsum("ij,ij->i", u, u, dtype=np.float64))
+    if u.dtype != np.float32:
+        return np.sqrt(np.einsum("ij,ij->i", u, u, dtype=np.float64))
+    with np.errstate(over="ignore", invalid="ignore"):
+        sq = np.einsum("ij,ij->i", u, u).astype(np.float64)
+    bad = ~np.isfinite(sq)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        sq[rows] = np.einsum("ij,ij->i", u[rows], u[rows], dtype=np.float64)
+    return np.sqrt(sq)
 
 
 def cosine_to(

@@ -46,7 +46,7 @@ from agent_strategy import (
     next_state,
 )
 
-from .aggregation import flatten_arrays, l2_norms, unflatten_vector
+from .aggregation import flatten_arrays, l2_norms
 from .client_features import ClientFeatures
 from .combine import combine
 from .devices import Timing
@@ -301,6 +301,11 @@ class AgentStrategy(Strategy):
         decision = self._decide(obs)
         self.info.selected = list(decision.selected)
         messages = []
+        # Clients given the same instructions share one content, as Flower's own
+        # strategies share one RecordDict across a round's messages (Flower
+        # validates every key of a ConfigRecord; most allocations are equal).
+        contents: dict[tuple[Any, ...], RecordDict] = {}
+        base = dict(config)
         for cid in decision.selected:
             alloc = decision.allocations[cid]
             client = self.clients[cid]
@@ -310,18 +315,19 @@ class AgentStrategy(Strategy):
                     "last_selected_round": server_round,
                 }
             )
-            cfg = ConfigRecord(
-                {
-                    **dict(config),
-                    "server-round": server_round,
-                    "local-epochs": alloc.local_epochs,
-                    "lr": alloc.lr,
-                    "deadline-s": alloc.deadline_s,
-                    "compression": alloc.compression,
-                    **self.features.train_config(cid, alloc.compression),
-                }
-            )
-            content = RecordDict({"arrays": arrays, "config": cfg})
+            values = {
+                "server-round": server_round,
+                "local-epochs": alloc.local_epochs,
+                "lr": alloc.lr,
+                "deadline-s": alloc.deadline_s,
+                "compression": alloc.compression,
+                **self.features.train_config(cid, alloc.compression),
+            }
+            key = tuple(values.items())
+            content = contents.get(key)
+            if content is None:
+                cfg = ConfigRecord({**base, **values})
+                content = contents[key] = RecordDict({"arrays": arrays, "config": cfg})
             self._sent[cid] = Message(
                 content, message_type=MessageType.TRAIN, dst_node_id=client.node_id
             )
@@ -340,20 +346,28 @@ class AgentStrategy(Strategy):
         by_msg = {m.metadata.message_id: c for c, m in self._sent.items()}
         valid: dict[str, ValidReply] = {}
         replies = list(replies)
-        # One float32 row per reply, filled by validation: no per-reply copies. The
-        # buffer is kept for the next round (nothing holds its rows after this
+        # One float32 row per selected client, in client-id order, filled by
+        # validation: no per-reply copies, and the rows are already in the order
+        # the policy's ids (and so the aggregate) take, whatever the arrival order.
+        # The buffer is kept for the next round (nothing holds its rows after this
         # call), which spares the allocator and page faults a fresh one each round.
-        matrix = self._matrix(len(replies))
-        row_of: dict[str, int] = {}
+        slot_of = {
+            c: i
+            for i, c in enumerate(sorted(self.info.selected, key=lambda c: int(c[1:])))
+        }
+        matrix = self._matrix(len(slot_of))
         content_of: dict[str, RecordDict] = {}
         for reply in replies:
             cid = by_node.get(reply.metadata.src_node_id) or by_msg.get(
                 reply.metadata.reply_to_message_id
             )
-            if cid is None or cid not in self.info.selected:
+            if cid is None or cid not in slot_of:
                 log.warning(
                     "round %d: reply from unexpected node ignored", server_round
                 )
+                continue
+            if cid in valid:
+                log.warning("round %d: second reply from %s ignored", server_round, cid)
                 continue
             if reply.has_error():
                 self._fail(cid, f"client error: {reply.error.reason}")
@@ -365,7 +379,7 @@ class AgentStrategy(Strategy):
                 checked = validate_train_reply(
                     content,
                     self._spec,
-                    out=matrix[len(row_of)],
+                    out=matrix[slot_of[cid]],
                     max_examples=2 * self.clients[cid].registered_examples or None,
                     check_finite=False,  # below, from the float64 norms
                 )
@@ -379,14 +393,13 @@ class AgentStrategy(Strategy):
                     rejected=True,
                 )
                 continue
-            if cid in valid:
-                log.warning("round %d: second reply from %s ignored", server_round, cid)
-                continue
             valid[cid] = checked
-            row_of[cid] = len(row_of)
             content_of[cid] = reply.content
-        # Rows stay in arrival order; row_of maps a client to its row.
-        updates = matrix[: len(row_of)]
+        # The rows of the valid replies, in client-id order; a copy only when a
+        # selected client is missing.
+        present = [slot for c, slot in slot_of.items() if c in valid]
+        updates = matrix if len(present) == len(slot_of) else matrix[present]
+        row_of = {c: i for i, c in enumerate(c for c in slot_of if c in valid)}
         updates -= self._global
         # The norms' float64 sums of squares are the finiteness check (one pass
         # for both); a row with NaN or inf is rejected before any feature or
@@ -467,16 +480,9 @@ class AgentStrategy(Strategy):
         )
         self._update_states(server_round, valid, set(accepted), bad)
 
-        new_arrays = unflatten_vector(
-            new_global, list(self._spec.shapes), list(self._spec.dtypes)
+        arrays = self.features.merge(
+            self._spec.to_record(new_global), self._kept, self._order
         )
-        arrays = ArrayRecord(
-            {
-                name: Array(a)
-                for name, a in zip(self._spec.names, new_arrays, strict=True)
-            }
-        )
-        arrays = self.features.merge(arrays, self._kept, self._order)
         self._global, self._returned = new_global, arrays
         w_loss = float(
             np.average([valid[c].train_loss for c in accepted], weights=weights)

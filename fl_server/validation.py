@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
@@ -27,7 +28,8 @@ class ModelSpec:
     array whose serialized bytes start with the same header and hold exactly the
     right number of bytes after it is read in place (``np.frombuffer``) instead of
     through ``np.load``, which parses the header again for every array of every
-    reply. Any other array takes Flower's own ``Array.numpy()``.
+    reply. Any other array takes Flower's own ``Array.numpy()``. The same headers
+    encode the new global model (:meth:`encode`) without ``np.save``.
     """
 
     names: tuple[str, ...]
@@ -35,10 +37,15 @@ class ModelSpec:
     dtypes: tuple[np.dtype, ...]
     headers: tuple[bytes, ...] = ()
 
-    @property
+    @cached_property
+    def counts(self) -> tuple[int, ...]:
+        """Number of scalars in each array."""
+        return tuple(math.prod(s) for s in self.shapes)
+
+    @cached_property
     def size(self) -> int:
         """Number of scalars in the model."""
-        return sum(int(np.prod(s)) for s in self.shapes)
+        return sum(self.counts)
 
     @classmethod
     def of(cls, arrays: ArrayRecord) -> ModelSpec:
@@ -71,18 +78,54 @@ class ModelSpec:
         header = self.headers[index] if index < len(self.headers) else b""
         data = array.data
         if header and array.stype == SType.NUMPY and data.startswith(header):
-            shape, dtype = self.shapes[index], self.dtypes[index]
-            count = int(np.prod(shape))
+            dtype, count = self.dtypes[index], self.counts[index]
             if len(data) == len(header) + count * dtype.itemsize:
                 return np.frombuffer(
                     data, dtype=dtype, count=count, offset=len(header)
-                ).reshape(shape)
+                ).reshape(self.shapes[index])
         try:
             return array.numpy()
         except Exception as e:  # noqa: BLE001 - any decoding failure rejects the reply
             raise InvalidReply(
                 f"array {self.names[index]!r} cannot be decoded: {e}"
             ) from e
+
+    def encode(self, index: int, values: np.ndarray) -> Array:
+        """Return ``values`` (the array at ``index``) as a Flower ``Array``.
+
+        The same ``Array`` as ``Array(values)`` (``np.save``'s bytes), built from
+        the known header and the values' bytes when ``values`` has the array's
+        shape and dtype and a header is known; else through ``Array(values)``.
+        """
+        header = self.headers[index] if index < len(self.headers) else b""
+        shape, dtype = self.shapes[index], self.dtypes[index]
+        if not header or values.shape != shape or values.dtype != dtype:
+            return Array(values)
+        return Array(
+            dtype=str(dtype),
+            shape=tuple(int(n) for n in shape),
+            stype=SType.NUMPY,
+            data=header + values.tobytes(),
+        )
+
+    def to_record(self, vector: np.ndarray) -> ArrayRecord:
+        """Return a flat model ``vector`` as an ``ArrayRecord`` of this layout.
+
+        Each array is cast to its dtype and encoded by :meth:`encode`.
+        """
+        if vector.ndim != 1 or vector.size != self.size:
+            raise ValueError(
+                f"vector has shape {vector.shape}, expected ({self.size},)"
+            )
+        arrays: dict[str, Array] = {}
+        start = 0
+        for i, (name, shape, dtype, count) in enumerate(
+            zip(self.names, self.shapes, self.dtypes, self.counts, strict=True)
+        ):
+            piece = vector[start : start + count].reshape(shape)
+            arrays[name] = self.encode(i, piece.astype(dtype, copy=False))
+            start += count
+        return ArrayRecord(arrays)
 
 
 @dataclass(frozen=True)
@@ -128,13 +171,13 @@ def validate_train_reply(
         update norms anyway: :func:`finite_rows`) passes False and saves a pass over
         the reply.
     """
-    if len(content.array_records) != 1:
-        raise InvalidReply(f"expected 1 ArrayRecord, got {len(content.array_records)}")
-    if len(content.metric_records) != 1:
-        raise InvalidReply(
-            f"expected 1 MetricRecord, got {len(content.metric_records)}"
-        )
-    record = next(iter(content.array_records.values()))
+    # Flower builds a new dict of each kind of record on every access: once each.
+    array_records, metric_records = content.array_records, content.metric_records
+    if len(array_records) != 1:
+        raise InvalidReply(f"expected 1 ArrayRecord, got {len(array_records)}")
+    if len(metric_records) != 1:
+        raise InvalidReply(f"expected 1 MetricRecord, got {len(metric_records)}")
+    record = next(iter(array_records.values()))
     if tuple(record.keys()) != spec.names:
         missing = set(spec.names) - set(record.keys())
         extra = set(record.keys()) - set(spec.names)
@@ -153,7 +196,7 @@ def validate_train_reply(
         if check_finite and not np.all(np.isfinite(a)):
             raise InvalidReply(f"array {name!r} has non-finite values")
         arrays.append(a)
-    metrics = next(iter(content.metric_records.values()))
+    metrics = next(iter(metric_records.values()))
     missing_m = [k for k in REQUIRED_METRICS if k not in metrics]
     if missing_m:
         raise InvalidReply(f"metrics lack {missing_m}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 from inprocess import InProcessGrid
+from support.runs import same_model
 
 from agent_strategy import Decision, Observation
 from fl_client.client_app import make_client_app
@@ -262,3 +264,28 @@ def test_waiting_for_nodes_is_bounded(
         "2 node(s) connected after 0 s, fewer than min_replies=3" in r.getMessage()
         for r in caplog.records
     )
+
+
+class _ReversedGrid(InProcessGrid):
+    """Hands the round's replies back last first (another arrival order)."""
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return list(super().send_and_receive(messages, timeout=timeout))[::-1]
+
+
+def test_the_aggregate_does_not_depend_on_the_replies_arrival_order(
+    tmp_path: Path,
+) -> None:
+    # Rows are filled in client-id order whatever the arrival order, so a run is
+    # bitwise the same when its replies arrive in another order.
+    a = _cfg(tmp_path, run_name="in-order")
+    b = _cfg(tmp_path, run_name="reversed")
+    run_server(InProcessGrid(make_client_app(a), a.num_clients), a)
+    run_server(_ReversedGrid(make_client_app(b), b.num_clients), b)
+
+    assert same_model(
+        tmp_path / "in-order" / "model.pt", tmp_path / "reversed" / "model.pt"
+    )
+    assert [r["accuracy"] for r in _results(a)] == [r["accuracy"] for r in _results(b)]

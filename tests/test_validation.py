@@ -4,8 +4,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
+from fl_server.aggregation import l2_norms
 from fl_server.validation import (
     InvalidReply,
     ModelSpec,
@@ -169,6 +170,41 @@ def test_finite_rows_is_exact_for_float32_rows() -> None:
     sq = np.einsum("ij,ij->i", m, m, dtype=np.float64)
 
     assert finite_rows(sq).tolist() == [True, False, False, False, True]
+    # The strategy's norms (float32 sums, float64 again where those overflow)
+    # give the same verdict, and the huge finite row keeps a finite norm.
+    norms = l2_norms(m)
+    assert finite_rows(norms**2).tolist() == [True, False, False, False, True]
+    assert norms[0] == pytest.approx(np.sqrt(sq[0]), rel=1e-12)
+    assert norms[4] == pytest.approx(np.sqrt(30.0), rel=1e-6)
+
+
+def test_encode_gives_flowers_own_array() -> None:
+    rng = np.random.default_rng(1)
+    values = [rng.normal(size=(2, 3)).astype(np.float32), np.arange(4, dtype="f4")]
+    for i, v in enumerate(values):
+        fast, flower = SPEC.encode(i, v), Array(v)
+        assert (fast.dtype, fast.shape, fast.stype) == (
+            flower.dtype,
+            flower.shape,
+            flower.stype,
+        )
+        assert fast.data == flower.data  # byte for byte np.save's output
+    # A layout other than the spec's (here float64) takes Flower's own path.
+    wide = SPEC.encode(1, np.arange(4, dtype=np.float64))
+    assert wide.dtype == "float64" and wide.numpy().tolist() == [0, 1, 2, 3]
+
+
+def test_to_record_splits_a_vector_into_the_models_arrays() -> None:
+    vector = np.arange(10, dtype=np.float64)  # cast to the arrays' float32
+    record = SPEC.to_record(vector)
+
+    assert list(record.keys()) == list(GLOBAL.keys())
+    got = [a.numpy() for a in record.values()]
+    assert [g.dtype for g in got] == [np.float32, np.float32]
+    np.testing.assert_array_equal(got[0], np.arange(6).reshape(2, 3))
+    np.testing.assert_array_equal(got[1], np.arange(6, 10))
+    with pytest.raises(ValueError, match="expected \\(10,\\)"):
+        SPEC.to_record(np.zeros(9, np.float32))
 
 
 def test_non_finite_array_names_the_array() -> None:
