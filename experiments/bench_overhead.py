@@ -292,6 +292,7 @@ def instrumented() -> Iterator[None]:
     import agent_strategy.deterministic as det_mod
     import fl_server.features as feat_mod
     import fl_server.strategy as strat_mod
+    import fl_server.validation as val_mod
     from fl_server.metering import MeteredGrid
     from fl_server.results import RoundRecorder
 
@@ -323,16 +324,21 @@ def instrumented() -> Iterator[None]:
         ("flatten_arrays", "flatten a new global model (round 1 only)"),
         ("update_features", "reply features (norms, cosines, Krum, duplicates)"),
         ("combine", "aggregate (weighted mean or the policy's robust rule)"),
-        ("unflatten_vector", "unflatten to arrays"),
         ("Observation", "build Observation (pydantic)"),
         ("ReplyFeatures", "build ReplyFeatures (pydantic)"),
         ("guard", "guard"),
-        ("Array", "build ArrayRecord"),
-        ("ArrayRecord", "build ArrayRecord"),
         ("ConfigRecord", "build messages"),
         ("Message", "build messages"),
     ):
         patch(strat_mod, name, _timed_part(label, strat_mod.__dict__[name]))
+    patch(
+        val_mod.ModelSpec,
+        "to_record",
+        _timed_part(
+            "build ArrayRecord (encode the new model)",
+            val_mod.ModelSpec.__dict__["to_record"],
+        ),
+    )
     for name, label in (
         ("coordinate_median", "  of which coordinate median"),
         ("krum_ratios", "  of which Krum ratios"),
