@@ -181,8 +181,9 @@ class CompressionConfig(_Section):
     error_feedback: bool = Field(True, description="top-k: keep the residual")
     adaptive: bool = Field(
         False,
-        description="the deterministic policy picks each client's codec from its "
-        "measured bandwidth, among codec and allowed (devices.enabled measures it)",
+        description="the policy picks each client's codec among codec and allowed: "
+        "the deterministic one from its measured bandwidth (devices.enabled "
+        "measures it), an LLM in its allocations (else the fallback's codec)",
     )
     allowed: str = Field(
         "none,q8,q4,topk",
