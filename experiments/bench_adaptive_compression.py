@@ -25,13 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -45,7 +40,7 @@ from fl_server.device_grid import DeviceSimulator
 from orchestration.config import RunConfig
 
 from .bench_compression import finished_run, last_rounds_accuracy
-from .bench_personalization import _CHILD
+from .isolated import run_isolated
 
 MODES = ("none", "adaptive")
 
@@ -59,46 +54,6 @@ def codec_counts(run_dir: Path) -> Counter[str]:
             for alloc in entry["decision"]["allocations"].values():
                 counts[alloc["compression"]] += 1
     return counts
-
-
-def run_retried(cfg: RunConfig, timeout_s: float, retries: int = 2) -> dict[str, Any]:
-    """Run ``cfg`` in a fresh process (own session) and return its summary.
-
-    On the loaded machine Ray sometimes does not start ("node timed out during
-    startup") and the failed child then hangs: a run that fails or exceeds
-    ``timeout_s`` has its whole process group stopped, its partial run directory
-    removed, and is started again (at most ``retries`` times, 30 s apart).
-
-    Raises
-    ------
-    RuntimeError
-        If every attempt failed.
-    """
-    run_dir = Path(cfg.output_dir) / cfg.run_name
-    for attempt in range(1, retries + 2):
-        child = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, json.dumps(cfg.to_flat())],
-            start_new_session=True,
-        )
-        try:
-            code = child.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            code = None
-        if code != 0:
-            try:
-                os.killpg(child.pid, signal.SIGTERM)
-                child.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(child.pid, signal.SIGKILL)
-        summary = finished_run(cfg)
-        if code == 0 and summary is not None:
-            return summary
-        why = "timed out" if code is None else f"exit code {code}"
-        print(f"run {cfg.run_name} attempt {attempt} failed ({why})", flush=True)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if attempt <= retries:
-            time.sleep(30)
-    raise RuntimeError(f"run {cfg.run_name} failed {retries + 1} times")
 
 
 def round_sim_times(run_dir: Path) -> list[float]:
@@ -226,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                     "run_name": f"{mode}-s{seed}",
                 }
             )
-            summary = finished_run(cfg) or run_retried(cfg, args.run_timeout)
+            summary = finished_run(cfg) or run_isolated(
+                cfg, timeout_s=args.run_timeout, retries=2
+            )
             run_dir = Path(summary["run_dir"])
             summary["mode"] = mode
             summary["last5_accuracy"] = last_rounds_accuracy(run_dir)

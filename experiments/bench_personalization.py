@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,35 +29,9 @@ from experiments.report_io import write_report
 from orchestration.config import RunConfig
 
 from .bench_compression import finished_run
+from .isolated import run_isolated
 
 MODES = ("none", "fedper", "fedrep", "ditto")
-
-
-_CHILD = (
-    "import json, sys\n"
-    "from orchestration.config import RunConfig\n"
-    "from orchestration.runner import run_experiment\n"
-    "run_experiment(RunConfig.from_flat(json.loads(sys.argv[1])))\n"
-)
-
-
-def run_isolated(cfg: RunConfig) -> dict[str, Any]:
-    """Run ``cfg`` in a fresh Python process and return its summary.
-
-    A second simulation in one process after a run with federated evaluation timed
-    out on its roll call every time it was tried on the loaded benchmark machine, so
-    each run gets its own process (and its own Ray instance).
-    """
-    child = [sys.executable, "-c", _CHILD, json.dumps(cfg.to_flat())]
-    code = subprocess.run(child, check=False).returncode
-    if code != 0:
-        raise SystemExit(
-            f"run {cfg.run_name} failed (exit status {code}); its error is above"
-        )
-    summary = finished_run(cfg)
-    if summary is None:
-        raise RuntimeError(f"run {cfg.run_name} wrote no complete summary")
-    return summary
 
 
 def reused_runs(
