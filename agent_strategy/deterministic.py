@@ -42,7 +42,7 @@ each selected client's upload codec follows its measured bandwidth
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -280,6 +280,34 @@ def bandwidth_codecs(
     return out
 
 
+def with_codec_times(
+    obs: Observation, codecs: Mapping[str, Compression], topk_fraction: float = 0.01
+) -> Observation:
+    """Return ``obs`` with each coded client's ``comm_s`` at the upload of its codec.
+
+    ``comm_s`` is the dense round trip (download and upload of the float32 model,
+    half each); a client uploading with codec ``c`` moves
+    ``comm_s / 2 * (1 + upload_ratio(c))``. The train phase plans epochs, deadlines
+    and who can meet the deadline on these times, so a slow link that fits the
+    deadline once its upload is compressed is selected and given the epochs that
+    fit, instead of being taken for hopeless. Clients without an entry (or without
+    a measured ``comm_s``) are unchanged; no codecs: ``obs`` itself.
+    """
+    if not codecs:
+        return obs
+    clients = tuple(
+        c.model_copy(
+            update={
+                "comm_s": c.comm_s / 2 * (1 + upload_ratio(codecs[c.id], topk_fraction))
+            }
+        )
+        if c.id in codecs and c.comm_s is not None
+        else c
+        for c in obs.clients
+    )
+    return obs.model_copy(update={"clients": clients})
+
+
 class DeterministicPolicy:
     """Utility-based selection with exploration; weights by examples.
 
@@ -334,7 +362,11 @@ class DeterministicPolicy:
     def decide(self, obs: Observation) -> Decision:
         """Return a selection and allocation (train) or weights and flags."""
         if obs.phase == "train":
-            return self._with_codecs(obs, self._train(obs))
+            # Codecs first (from the measured links), then the plan on the times
+            # those codecs give; the default run allows no codec: no change.
+            codecs = bandwidth_codecs(obs, self.topk_fraction)
+            planned = with_codec_times(obs, codecs, self.topk_fraction)
+            return self._with_codecs(self._train(planned), codecs)
         return self._aggregate(obs)
 
     # ------------------------------------------------------------------ phases
@@ -459,13 +491,13 @@ class DeterministicPolicy:
         )
 
     # ------------------------------------------------ bandwidth-aware compression
-    def _with_codecs(self, obs: Observation, decision: Decision) -> Decision:
-        """Give each selected client the codec :func:`bandwidth_codecs` picks.
+    @staticmethod
+    def _with_codecs(decision: Decision, codecs: Mapping[str, Compression]) -> Decision:
+        """Give each selected client its codec from :func:`bandwidth_codecs`.
 
         A no-op unless the limits allow codecs besides the default
         (``compression.adaptive``): the default run is unchanged.
         """
-        codecs = bandwidth_codecs(obs, self.topk_fraction)
         if not codecs:
             return decision
         allocations = {

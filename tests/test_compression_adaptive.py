@@ -18,7 +18,12 @@ from agent_strategy import (
     Observation,
     guard,
 )
-from agent_strategy.deterministic import bandwidth_codecs, upload_ratio
+from agent_strategy.deterministic import (
+    bandwidth_codecs,
+    cannot_meet_deadline,
+    upload_ratio,
+    with_codec_times,
+)
 from agent_strategy.llm.prompt import render_prompt
 from fl_client.client_app import make_client_app
 from fl_server.server_app import run_server
@@ -85,6 +90,62 @@ def test_topk_fraction_ranks_topk_among_the_quantizers() -> None:
     obs = _obs([1.0, 1.0, 4.5], codecs=("q8", "q4", "topk"))
     assert bandwidth_codecs(obs, topk_fraction=0.1)["c2"] == "topk"
     assert bandwidth_codecs(obs, topk_fraction=0.01)["c2"] == "q4"
+
+
+def _deadline_obs(codecs: tuple[str, ...]) -> Observation:
+    # Deadline 30 s; c0-c3 move the dense model in 2 s, c4 in 40 s (20x slower:
+    # hopeless uncompressed, 20.4 s with top-k's 2% upload). c4 is the stalest.
+    clients = tuple(
+        ClientState(
+            id=f"c{i}",
+            num_examples=100,
+            comm_s=2.0 if i < 4 else 40.0,
+            epoch_s=1.0,
+            last_selected_round=5 if i < 4 else 1,
+            rounds_selected=1,
+            last_loss=1.0,
+            last_duration_s=3.0,
+        )
+        for i in range(5)
+    )
+    return plain_train_obs(
+        clients=clients,
+        target=1,
+        round_=8,
+        limits=limits(min_clients=1, max_clients=1, codecs=codecs, deadline_s=30.0),
+    )
+
+
+def test_codec_times_use_each_clients_upload_ratio() -> None:
+    obs = _deadline_obs(("q8", "q4", "topk"))
+    codecs = bandwidth_codecs(obs)
+    assert codecs["c4"] == "topk" and codecs["c0"] == "none"
+
+    planned = with_codec_times(obs, codecs)
+
+    comm = {c.id: c.comm_s for c in planned.clients}
+    assert comm["c0"] == pytest.approx(2.0)  # none: the dense round trip
+    assert comm["c4"] == pytest.approx(20.0 * (1 + upload_ratio("topk")))
+    assert cannot_meet_deadline(obs).tolist() == [False] * 4 + [True]
+    assert not cannot_meet_deadline(planned).any()
+    assert with_codec_times(obs, {}) is obs
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_a_slow_link_that_fits_once_compressed_is_not_taken_for_hopeless(
+    adaptive: bool,
+) -> None:
+    obs = _deadline_obs(("q8", "q4", "topk") if adaptive else ())
+    policy = DeterministicPolicy(seed=0, exploration=1.0)
+
+    d = policy.decide(obs)
+
+    if adaptive:  # the stalest client, fitting with top-k: explored, with top-k
+        assert d.selected == ("c4",)
+        assert d.allocations["c4"].compression == "topk"
+    else:  # 40 s > 30 s whatever it does: explored last
+        assert d.selected != ("c4",)
+        assert d.allocations[d.selected[0]].compression == "none"
 
 
 def test_unmeasured_clients_keep_the_default_codec() -> None:
