@@ -41,6 +41,7 @@ from orchestration.config import RunConfig
 
 from .bench_compression import finished_run, last_rounds_accuracy
 from .isolated import run_isolated
+from .report_io import write_report
 
 MODES = ("none", "adaptive")
 
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     header = [f"Command: `{command}` (runs in `{args.runs_dir}`).", ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(header + lines) + "\n")
+    write_report(out, "\n".join(header + lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"runs": runs}, indent=2))
     print("\n".join(lines))
     return 0

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from experiments.report_io import write_report
 from orchestration.config import RunConfig
 from orchestration.runner import run_experiment
 
@@ -37,7 +38,7 @@ RESULTS = ROOT / "experiments" / "results"
 
 def _write(part: str, lines: list[str], data: dict[str, Any]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"llm_{part}.md").write_text("\n".join(lines) + "\n")
+    write_report(RESULTS / f"llm_{part}.md", "\n".join(lines) + "\n")
     (RESULTS / f"llm_{part}.json").write_text(json.dumps(data, indent=2))
     print("\n".join(lines))
 

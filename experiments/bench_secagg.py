@@ -30,6 +30,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
     Stage,
 )
 
+from experiments.report_io import write_report
 from orchestration.config import RunConfig
 from orchestration.runner import run_experiment
 
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    write_report(out, "\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     print("\n".join(lines))
     return 0

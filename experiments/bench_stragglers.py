@@ -34,6 +34,7 @@ from experiments.report import (
     time_to_accuracy,
     write_plots,
 )
+from experiments.report_io import write_report
 from experiments.run import to_run_config
 from orchestration.config import RunConfig
 from orchestration.runner import run_experiment
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    write_report(out, "\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(
         json.dumps({"runs": per_run, **summary}, indent=2, default=str)
     )
