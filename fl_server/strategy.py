@@ -709,6 +709,12 @@ class AgentStrategy(Strategy):
                 "decision": decision.model_dump(mode="json"),
                 "guard_changes": list(guarded.changes),
             }
+            if obs.phase == "aggregate":
+                # The server-measured features the weights and flags were decided
+                # on: a detector can be audited, or retuned offline, from the log.
+                entry["replies"] = [
+                    r.model_dump(mode="json", exclude_none=True) for r in obs.replies
+                ]
             if call is not None:
                 entry["llm"] = {
                     k: call[k]

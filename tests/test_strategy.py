@@ -86,6 +86,15 @@ def test_agent_run_learns_and_writes_results(tmp_path: Path) -> None:
         (r, p) for r in (1, 2, 3) for p in ("train", "aggregate")
     ]
     assert all(d["source"] == "deterministic" for d in decisions)
+    # Each aggregate decision carries the features it was decided on: one per
+    # reply, with the server's update norm, and the train decisions none.
+    for d in decisions:
+        if d["phase"] == "train":
+            assert "replies" not in d
+            continue
+        ids = [r["id"] for r in d["replies"]]
+        assert sorted(ids) == sorted(d["decision"]["weights"]) and len(ids) == 4
+        assert all(r["update_norm"] > 0 and r["num_examples"] > 0 for r in d["replies"])
 
 
 @pytest.mark.parametrize("kind", ["raise", "error", "nan"])
