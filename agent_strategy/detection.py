@@ -49,6 +49,27 @@ Detectors
   two or three classes forgets the others) while their accuracy stays above 0.4x
   the centre's after the first rounds; flipped models score near or under chance.
 
+Malicious or faulty
+-------------------
+A reply flagged *only* by the server-checked loss whose candidate model is
+*collapsed* (``checked_top_share`` at least ``collapse_share``: it assigns at least
+that share of the server's validation examples to one class) is flagged ``faulty``,
+not ``malicious``. Label flipping, the attack the check exists for, yields a working
+classifier with permuted outputs: its predictions spread over the classes as the
+validation labels do (top share near 0.1 on MNIST). A broken honest update does not:
+a small non-IID client's model that forgot the other classes, or an outsized update
+that destroyed the candidate, predicts mostly one class. Such a reply is still
+dropped from the aggregate (a faulty flag gets no weight) but is no evidence of an
+attack. Any geometry detector (norm, direction, duplicates) firing as well keeps the
+flag ``malicious``.
+
+A faulty flag gives the client no *record* (``record`` is for the repeated-norm
+detector; the strategy counts only rejections and malicious flags as bad rounds
+for reputation, and a faulty round as neither bad nor good). Giving it one made the
+norm detector flag an honest client's later one-off large update as a repeat
+offence, which is how the honest clients c17 and c9 of the benchmark were flagged
+over and over; an attacker's record comes from its own malicious flags.
+
 The Krum ratio is reported in the reason but is not a detector of its own: it is
 mostly the norm again, and alone it flagged honest clients with a large norm.
 With fewer than ``min_replies_for_z`` replies there is no core: the reference is the
@@ -65,7 +86,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .types import Flag, ReplyFeatures
+from .types import Flag, FlagKind, ReplyFeatures
 
 _MAD_TO_SD = 0.6745  # the MAD of a normal distribution is 0.6745 standard deviations
 
@@ -88,6 +109,7 @@ class DetectionParams:
     repeat_norm_ratio: float = 2.0
     checked_accuracy_ratio: float = 0.4
     min_loss_excess: float = 0.5
+    collapse_share: float = 0.7
 
     def __post_init__(self) -> None:
         if self.z_threshold <= 0 or self.min_log_spread <= 0:
@@ -108,6 +130,8 @@ class DetectionParams:
                 "need 0 < checked_accuracy_ratio < 1 and min_loss_excess >= 0, got "
                 f"{self.checked_accuracy_ratio} and {self.min_loss_excess}"
             )
+        if not 0 < self.collapse_share <= 1:
+            raise ValueError(f"need 0 < collapse_share <= 1, got {self.collapse_share}")
         if min(ratios) < 1 or self.strong_reversal < 0:
             raise ValueError(
                 "need big_norm_ratio, core_cap, majority_norm_ratio, "
@@ -220,7 +244,10 @@ def detect(
     params: DetectionParams = DetectionParams(),
     record: Collection[str] = (),
 ) -> tuple[Flag, ...]:
-    """Return a ``malicious`` flag for each suspicious reply, most suspicious first.
+    """Return a flag for each suspicious reply, most suspicious first.
+
+    The flag is ``malicious``, or ``faulty`` when the server-checked loss alone
+    fired and the candidate model is collapsed (see the module docstring).
 
     Parameters
     ----------
@@ -261,6 +288,7 @@ def detect(
     for i, r in enumerate(replies):
         reasons: list[str] = []
         severity = 0.0
+        loss_only_collapsed = False
         ratio = r.update_norm / ref if ref > 0 else (math.inf if r.update_norm else 1)
         z = (math.log(max(r.update_norm, 1e-12)) - log_ref) / spread if use_z else 0.0
         where = f"the reference norm {ref:.3g}"
@@ -307,13 +335,22 @@ def detect(
                 and excess >= params.min_loss_excess
             ):
                 vs = "" if r.loss_gap is None else f", {r.loss_gap:+.2f} vs reported"
+                share = r.checked_top_share
+                collapsed = share is not None and share >= params.collapse_share
+                loss_only_collapsed = collapsed and not reasons
+                why = (
+                    f"; {share:.0%} of its predictions in one class (a collapsed model)"
+                    if collapsed
+                    else " (a model trained on wrong labels?)"
+                )
                 reasons.append(
                     f"server-checked accuracy {acc:.2f} is {acc_ratio:.2f}x the "
                     f"round's {checked[1]:.2f}, loss {loss:.2f} vs {checked[0]:.2f}"
-                    f"{vs} (a model trained on wrong labels?)"
+                    f"{vs}{why}"
                 )
                 severity = max(severity, thr + 10 * (1 - acc_ratio) + min(excess, 10))
         if r.duplicates:
+            loss_only_collapsed = False
             reasons.append(
                 f"update identical to {r.duplicates} other repl"
                 f"{'y' if r.duplicates == 1 else 'ies'} (collusion or copying)"
@@ -329,6 +366,7 @@ def detect(
             reason = "; ".join(reasons)
             if len(reason) > 300:
                 reason = reason[:297] + "..."
-            scored.append((sev, i, Flag(id=r.id, kind="malicious", reason=reason)))
+            kind: FlagKind = "faulty" if loss_only_collapsed else "malicious"
+            scored.append((sev, i, Flag(id=r.id, kind=kind, reason=reason)))
     scored.sort(key=lambda t: (-t[0], t[1]))
     return tuple(f for _, _, f in scored)

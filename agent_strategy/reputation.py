@@ -3,12 +3,15 @@
 A pure state transition on :class:`~agent_strategy.ClientState`, applied by the
 strategy once per round to every client that replied:
 
-* a *bad* round (the reply was rejected, or flagged ``malicious`` / ``faulty``)
+* a *bad* round (the reply was rejected, or flagged ``malicious``)
   halves the reputation (``penalty``) and counts a consecutive flag; after
   ``exclude_after`` in a row the client is excluded (not selectable) for
   ``probation_rounds * 2 ** (times_excluded - 1)`` rounds;
 * a *good* round (accepted, unflagged) recovers ``recovery`` of the lost reputation
   and resets the consecutive count.
+
+A reply flagged ``faulty`` (a broken, not a malicious, update) is dropped from the
+aggregate and the strategy applies no transition for it: neither bad nor good.
 
 An excluded client is readmitted when its exclusion ends, on probation: its
 consecutive count stays at ``exclude_after - 1``, so one more bad round excludes it
@@ -57,7 +60,7 @@ def next_state(
     round_ : int
         The round just finished (exclusion starts after it).
     bad : bool
-        The reply was rejected or flagged malicious / faulty.
+        The reply was rejected or flagged malicious.
     params : ReputationParams
         The transition's constants.
     """

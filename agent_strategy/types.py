@@ -106,6 +106,13 @@ class ReplyFeatures(_Frozen):
     checked_accuracy: float | None = Field(
         None, ge=0, le=1, description="accuracy of global + this update there"
     )
+    checked_top_share: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="share of the server's validation examples that global + this "
+        "update assigns to its most-predicted class (near 1: a collapsed model)",
+    )
     loss_gap: float | None = Field(
         None, description="checked_loss - train_loss (server's minus reported)"
     )

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, get_args
 
+from agent_strategy.detection import DetectionParams
 from orchestration.config import AttackName
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,19 +155,21 @@ def _load(runs_dir: Path) -> list[dict[str, Any]]:
 
 
 def _malicious_flags(run_dir: Path) -> dict[str, int] | None:
-    """Return the replies and the ``malicious`` flags in a run's decision log."""
+    """Return the replies, ``malicious`` and ``faulty`` flags in a decision log."""
     path = run_dir / "decisions.jsonl"
     if not path.exists():
         return None
-    replies = flagged = 0
+    replies = flagged = faulty = 0
     for line in path.read_text().splitlines():
         d = json.loads(line)
         if d["phase"] != "aggregate":
             continue
-        flags = [f["id"] for f in d["decision"]["flags"] if f["kind"] == "malicious"]
-        flagged += len(flags)
-        replies += len(set(d["decision"]["weights"]) | set(flags))
-    return {"replies": replies, "flagged": flagged}
+        flags = d["decision"]["flags"]
+        bad = {f["id"] for f in flags if f["kind"] in ("malicious", "faulty")}
+        flagged += sum(f["kind"] == "malicious" for f in flags)
+        faulty += sum(f["kind"] == "faulty" for f in flags)
+        replies += len(set(d["decision"]["weights"]) | bad)
+    return {"replies": replies, "flagged": flagged, "faulty": faulty}
 
 
 def _finished(run_dir: Path) -> bool:
@@ -213,7 +216,8 @@ def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
     ]
     clean_flags = (
         f" ({sum(c['flagged'] for c in counts)} of {sum(c['replies'] for c in counts)}"
-        " honest replies flagged malicious)"
+        " honest replies flagged malicious, "
+        f"{sum(c.get('faulty', 0) for c in counts)} dropped as faulty)"
         if counts
         else ""
     )
@@ -231,16 +235,25 @@ def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
         "(`fl_server/attack_report.py`): every reply (client, round) from the "
         "attack's first round is a positive when its client is malicious and is "
         "detected when the server rejected it or the policy flagged it malicious "
-        "(a straggler flag is not a detection); an excluded client sends no reply, "
-        "so its excluded rounds count neither way.",
+        "(a straggler or faulty flag is not a detection); an excluded client sends "
+        "no reply, so its excluded rounds count neither way. A *faulty* flag "
+        "(`agent_strategy/detection.py`) is a reply only the server loss check "
+        "flagged whose candidate model is collapsed (at least "
+        f"{DetectionParams().collapse_share:.0%} of the server's validation examples "
+        "in one class): a broken update, dropped from the "
+        "aggregate like a malicious one but neither called an attack nor held "
+        "against the client's reputation. Faulty flags are counted apart: honest "
+        "replies dropped as faulty (`faulty (honest)`) and attackers' replies "
+        "flagged only faulty (`faulty (attack)`, counted as missed in the recall); "
+        "`-` for runs made before the faulty flag existed.",
         "",
         f"Clean reference: FedAvg {_fmt(clean)}, agent "
         f"{_fmt(mean_acc(('none', 0.0, 'agent')))}{clean_flags}.",
         "",
         "| attack | malicious | agent | fedavg | fedtrimmedavg | multikrum | "
         "fedmedian | agent - best Flower (>= -0.5) | agent - clean FedAvg (>= -2 at "
-        "20%) | precision | recall | n |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "20%) | precision | recall | faulty (honest) | faulty (attack) | n |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     summary_cells = []
     for attack, frac in cells:
@@ -255,6 +268,9 @@ def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
         fn = sum(d["replies"]["fn"] for d in dets if d)
         prec = tp / (tp + fp) if tp + fp else None
         rec = tp / (tp + fn) if tp + fn else None
+        new = [d["replies"] for d in dets if d and "faulty_honest" in d["replies"]]
+        faulty_h = sum(d["faulty_honest"] for d in new) if new else None
+        faulty_m = sum(d["faulty_malicious"] for d in new) if new else None
         n = len(by.get((attack, frac, "agent"), []))
         all_done = len(flower) == len(FLOWER) and agent is not None
         lines.append(
@@ -262,7 +278,8 @@ def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
             + " | ".join(_fmt(accs[s]) for s in STRATEGIES)
             + f" | {_fmt(gap_best) if all_done else '(incomplete)'} | "
             f"{_fmt(gap_clean) if frac <= 0.2 else '-'} | {_fmt(prec, False)} | "
-            f"{_fmt(rec, False)} | {n} |"
+            f"{_fmt(rec, False)} | {'-' if faulty_h is None else faulty_h} | "
+            f"{'-' if faulty_m is None else faulty_m} | {n} |"
         )
         summary_cells.append(
             {
@@ -277,6 +294,8 @@ def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
                     "fn": fn,
                     "precision": prec,
                     "recall": rec,
+                    "faulty_honest": faulty_h,
+                    "faulty_malicious": faulty_m,
                 },
                 "seeds": n,
             }
@@ -370,7 +389,7 @@ def _plots(
         )
         plt.close(fig)
 
-    labels, tps, fps, fns = [], [], [], []
+    labels, tps, fps, fns, fhs = [], [], [], [], []
     for attack, frac in cells:
         dets = [
             r["detection"]
@@ -383,6 +402,7 @@ def _plots(
         tps.append(sum(d["replies"]["tp"] for d in dets))
         fps.append(sum(d["replies"]["fp"] for d in dets))
         fns.append(sum(d["replies"]["fn"] for d in dets))
+        fhs.append(sum(d["replies"].get("faulty_honest", 0) for d in dets))
     if labels:
         fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 3.5))
         x = range(len(labels))
@@ -394,6 +414,13 @@ def _plots(
             bottom=[a + b for a, b in zip(tps, fns, strict=True)],
             label="honest, flagged (FP)",
             color="tab:orange",
+        )
+        ax.bar(
+            x,
+            fhs,
+            bottom=[a + b + c for a, b, c in zip(tps, fns, fps, strict=True)],
+            label="honest, dropped as faulty",
+            color="tab:gray",
         )
         ax.set_xticks(list(x), labels, fontsize=7)
         ax.set_ylabel("replies")

@@ -86,6 +86,28 @@ def mean_loss_and_accuracy(
     return float(loss), float(acc)
 
 
+def top_class_share(predicted: torch.Tensor | np.ndarray) -> float:
+    """Return the share of ``predicted`` (class indices) equal to its commonest class.
+
+    ``1 / num_classes`` at best for a model spreading its predictions evenly, 1.0
+    for one predicting a single class.
+
+    Raises
+    ------
+    ValueError
+        If ``predicted`` is empty or not a 1-D array of non-negative integers.
+    """
+    p = np.asarray(predicted)
+    if p.ndim != 1 or p.size == 0 or not np.issubdtype(p.dtype, np.integer):
+        raise ValueError(
+            "top_class_share needs a non-empty 1-D array of class indices, got "
+            f"shape {p.shape} dtype {p.dtype}"
+        )
+    if p.min() < 0:
+        raise ValueError("class indices must be >= 0")
+    return float(np.bincount(p).max() / p.size)
+
+
 @dataclass(frozen=True)
 class CheckedLosses:
     """One round's server-checked losses, one row per update (rows as given)."""
@@ -95,6 +117,7 @@ class CheckedLosses:
     losses: np.ndarray
     accuracies: np.ndarray
     seconds: float
+    top_shares: np.ndarray | None = None
 
     def fields(self, row: int, train_loss: float) -> dict[str, float]:
         """Return the :class:`~agent_strategy.ReplyFeatures` fields of one row."""
@@ -103,6 +126,11 @@ class CheckedLosses:
             "checked_loss": loss,
             "checked_accuracy": float(self.accuracies[row]),
             "loss_gap": loss - train_loss,
+            **(
+                {"checked_top_share": float(self.top_shares[row])}
+                if self.top_shares is not None
+                else {}
+            ),
         }
 
 
@@ -143,20 +171,19 @@ class LossChecker:
         log.info("loss check: %d server validation examples", len(data.y))
         return cls(model, data)
 
-    def _evaluate(self, params: dict[str, torch.Tensor]) -> tuple[float, float]:
-        if len(self.y) <= self.batch_size:
-            return mean_loss_and_accuracy(
-                functional_call(self.model, params, (self.x,)), self.y
-            )
+    def _evaluate(self, params: dict[str, torch.Tensor]) -> tuple[float, float, float]:
+        """Return the loss, the accuracy and the top-class share of one model."""
         loss = acc = 0.0
+        predicted = []
         for i in range(0, len(self.y), self.batch_size):
             xb, yb = self.x[i : i + self.batch_size], self.y[i : i + self.batch_size]
-            lb, ab = mean_loss_and_accuracy(
-                functional_call(self.model, params, (xb,)), yb
-            )
+            logits = functional_call(self.model, params, (xb,))
+            lb, ab = mean_loss_and_accuracy(logits, yb)
             loss += lb * len(yb)
             acc += ab * len(yb)
-        return loss / len(self.y), acc / len(self.y)
+            predicted.append(logits.argmax(1))
+        share = top_class_share(torch.cat(predicted).numpy())
+        return loss / len(self.y), acc / len(self.y), share
 
     @torch.no_grad()
     def check(
@@ -197,21 +224,21 @@ class LossChecker:
             return out
 
         base = np.ascontiguousarray(global_, dtype=np.float32)
-        base_loss, base_acc = self._evaluate(params(base))
+        base_loss, base_acc, _ = self._evaluate(params(base))
         base_loss = base_loss if np.isfinite(base_loss) else np.inf
         n = updates.shape[0]
-        losses, accs = np.empty(n), np.empty(n)
+        losses, accs, shares = np.empty(n), np.empty(n), np.empty(n)
         candidate = np.empty_like(base)
         for i in range(n):
             np.add(base, updates[i], out=candidate)
-            losses[i], accs[i] = self._evaluate(params(candidate))
+            losses[i], accs[i], shares[i] = self._evaluate(params(candidate))
         # A candidate whose weights overflow scores NaN: as bad as it gets.
         losses[~np.isfinite(losses)] = np.inf
         seconds = time.perf_counter() - start
         self.seconds += seconds
         self.rounds += 1
         self.models_evaluated += n + 1
-        return CheckedLosses(base_loss, base_acc, losses, accs, seconds)
+        return CheckedLosses(base_loss, base_acc, losses, accs, seconds, shares)
 
     def stats(self) -> dict[str, float | int]:
         """Return the validation set size and the time spent so far."""

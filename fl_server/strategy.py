@@ -129,8 +129,9 @@ class AgentStrategy(Strategy):
     features : ClientFeatures, optional
         Upload compression, personal layers, federated evaluation (off by default).
     reputation : ReputationParams, optional
-        Turns on per-client reputation: rejected or flagged (malicious / faulty)
-        replies lower it and repeated ones exclude the client for a while.
+        Turns on per-client reputation: rejected or malicious-flagged replies
+        lower it and repeated ones exclude the client for a while (a faulty flag
+        drops the reply and leaves the reputation as it was).
     trim_beta, krum_byzantine : float, int
         Parameters of the ``trimmed`` and ``krum`` aggregation rules.
     update_geometry : bool
@@ -461,9 +462,10 @@ class AgentStrategy(Strategy):
             self.telemetry.after_aggregate(obs, decision)
         self.info.flagged = {f.id: f"{f.kind}: {f.reason}" for f in decision.flags}
         accepted = [c for c in ids if c in decision.weights]
-        bad = {f.id for f in decision.flags if f.kind in ("malicious", "faulty")}
+        bad = {f.id for f in decision.flags if f.kind == "malicious"}
+        faulty = {f.id for f in decision.flags if f.kind == "faulty"} - bad
         if not self._require(len(accepted), server_round, "unflagged replies"):
-            self._update_states(server_round, valid, set(), bad)
+            self._update_states(server_round, valid, set(), bad, faulty)
             return None, None
         self.info.accepted = accepted
         self.info.aggregation = decision.aggregation
@@ -478,7 +480,7 @@ class AgentStrategy(Strategy):
             trim_beta=self.trim_beta,
             krum_byzantine=self.krum_byzantine,
         )
-        self._update_states(server_round, valid, set(accepted), bad)
+        self._update_states(server_round, valid, set(accepted), bad, faulty)
 
         arrays = self.features.merge(
             self._spec.to_record(new_global), self._kept, self._order
@@ -797,7 +799,14 @@ class AgentStrategy(Strategy):
         valid: dict[str, ValidReply],
         accepted: set[str],
         bad: set[str],
+        faulty: frozenset[str] | set[str] = frozenset(),
     ) -> None:
+        """Update the client states, reputation and history after a round.
+
+        ``bad``: flagged malicious (with the rejected, bad rounds for reputation);
+        ``faulty``: flagged faulty (a broken update, dropped): neither a bad nor a
+        good round, so it gives no record (``agent_strategy.detection``).
+        """
         flagged = set(self.info.flagged)
         for cid, reply in valid.items():
             st = self.clients[cid].state
@@ -812,6 +821,8 @@ class AgentStrategy(Strategy):
             )
         if self.reputation is not None:
             for cid in sorted({*valid, *self.info.rejected}):
+                if cid in faulty and cid not in self.info.rejected:
+                    continue
                 self.clients[cid].state = next_state(
                     self.clients[cid].state,
                     round_=server_round,
@@ -824,6 +835,7 @@ class AgentStrategy(Strategy):
                 "replied": sorted({*valid, *self.info.rejected}),
                 "rejected": sorted(self.info.rejected),
                 "flagged": sorted(bad),
+                "faulty": sorted(faulty),
                 "excluded": sorted(
                     c
                     for c, cl in self.clients.items()

@@ -49,8 +49,8 @@ def _run(
         )
 
 
-def _det(tp: int, fp: int, fn: int) -> dict[str, object]:
-    return {"detection": {"replies": {"tp": tp, "fp": fp, "fn": fn, "tn": 0}}}
+def _det(tp: int, fp: int, fn: int, **faulty: int) -> dict[str, object]:
+    return {"detection": {"replies": {"tp": tp, "fp": fp, "fn": fn, "tn": 0, **faulty}}}
 
 
 def test_report_scores_cells_failed_runs_and_clean_flags(tmp_path: Path) -> None:
@@ -71,6 +71,7 @@ def test_report_scores_cells_failed_runs_and_clean_flags(tmp_path: Path) -> None
             "flags": [
                 {"id": "c2", "kind": "malicious"},
                 {"id": "c1", "kind": "straggler"},
+                {"id": "c3", "kind": "faulty"},
             ],
         },
     }
@@ -94,7 +95,7 @@ def test_report_scores_cells_failed_runs_and_clean_flags(tmp_path: Path) -> None
         {
             "final_accuracy": 0.89,
             "wall_s": 2.0,
-            "attack": _det(9, 1, 3),
+            "attack": _det(9, 1, 3, faulty_honest=4, faulty_malicious=2),
             "loss_check": {"examples": 256, "seconds": 0.5, "seconds_per_round": 0.25},
         },
     )
@@ -131,10 +132,17 @@ def test_report_scores_cells_failed_runs_and_clean_flags(tmp_path: Path) -> None
     assert cell["agent_minus_clean_fedavg"] == pytest.approx(0.89 - 0.9)
     assert cell["detection"]["precision"] == 0.9 and cell["detection"]["recall"] == 0.75
     text = out.read_text()
-    assert "agent 92.0 (1 of 3 honest replies flagged malicious)" in text
+    assert cell["detection"]["faulty_honest"] == 4
+    assert cell["detection"]["faulty_malicious"] == 2
+    assert (
+        "agent 92.0 (1 of 4 honest replies flagged malicious, 1 dropped as faulty)"
+        in text
+    )
+    assert "(at least 70% of the server's validation examples in one class)" in text
     assert "`noise-f20-fedmedian-s0` raised after round 2 (ValidationError" in text
     assert (
-        "| noise | 20% | 89.0 | 10.0 | 85.0 | 88.0 | 30.0 | 1.0 | -1.0 | 0.90 |" in text
+        "| noise | 20% | 89.0 | 10.0 | 85.0 | 88.0 | 30.0 | 1.0 | -1.0 | 0.90 | 0.75 "
+        "| 4 | 2 | 1 |" in text
     )
     assert (
         "256 validation examples, 1 agent runs): median 0.25 s per round, 25% of"

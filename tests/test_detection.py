@@ -330,12 +330,54 @@ def test_detection_scores_count_replies_and_excluded_clients() -> None:
 
     s = detection_scores(history, ["c0", "c3"])
 
-    assert s["replies"] == {"tp": 2, "fp": 1, "fn": 1, "tn": 2}
+    assert s["replies"] == {
+        "tp": 2,
+        "fp": 1,
+        "fn": 1,
+        "tn": 2,
+        "faulty_honest": 0,  # history rows from before faulty flags existed
+        "faulty_malicious": 0,
+    }
     assert s["precision"] == pytest.approx(2 / 3) and s["recall"] == pytest.approx(
         2 / 3
     )
     assert s["clients_excluded"] == ["c0"] and s["client_recall"] == 0.5
     assert detection_scores(history, ["c0"], start_round=2)["replies"]["tp"] == 1
+
+
+def test_a_faulty_flag_is_no_detection_and_is_counted_apart() -> None:
+    history = [
+        {
+            "round": 1,
+            "replied": ["c0", "c1", "c2", "c3"],
+            "flagged": ["c0"],
+            "faulty": ["c1", "c2"],  # c1 honest, c2 an attacker
+            "rejected": [],
+            "excluded": [],
+        },
+        {
+            "round": 2,
+            "replied": ["c1", "c2", "c3"],
+            "flagged": [],
+            "faulty": ["c1", "c3"],  # c3 an attacker, but rejected as well
+            "rejected": ["c3"],
+            "excluded": [],
+        },
+    ]
+
+    s = detection_scores(history, ["c0", "c2", "c3"])
+
+    # malicious replies: c0 r1 (flagged), c2 r1 (faulty: missed), c3 r1 (missed),
+    # c2 r2 (missed), c3 r2 (rejected); honest: c1 r1, c1 r2 (both faulty)
+    assert s["replies"] == {
+        "tp": 2,
+        "fp": 0,
+        "fn": 3,
+        "tn": 2,
+        "faulty_honest": 2,
+        "faulty_malicious": 1,
+    }
+    assert s["precision"] == 1.0 and s["recall"] == pytest.approx(2 / 5)
 
 
 def test_duplicates_within_tolerance_are_found_and_near_ones_are_not() -> None:

@@ -14,14 +14,29 @@ from inprocess import InProcessGrid
 from support.client_runs import tiny_config
 from torch import nn
 
-from agent_strategy import DetectionParams, ReplyFeatures, detect
+from agent_strategy import (
+    Decision,
+    DetectionParams,
+    Flag,
+    Observation,
+    Policy,
+    ReplyFeatures,
+    detect,
+)
 from agent_strategy.detection import loss_reference
 from fl_client.attacks import malicious_partitions
 from fl_client.client_app import make_client_app
-from fl_client.task import ArrayDataset, evaluate, split_for
+from fl_client.task import (
+    ArrayDataset,
+    build_model,
+    evaluate,
+    load_dataset,
+    split_for,
+)
 from fl_server.aggregation import flatten_arrays
-from fl_server.loss_check import LossChecker, validation_set
-from fl_server.server_app import run_server
+from fl_server.loss_check import LossChecker, top_class_share, validation_set
+from fl_server.server_app import build_strategy, run_server
+from fl_server.strategy import AgentStrategy
 from fl_server.validation import ModelSpec
 from orchestration.config import RunConfig
 
@@ -38,8 +53,8 @@ def _reply(cid: str, loss: float, acc: float, **kw: object) -> ReplyFeatures:
             checked_loss=loss,
             checked_accuracy=acc,
             loss_gap=loss - 0.3,
-            **kw,
         )
+        | kw
     )
 
 
@@ -118,6 +133,88 @@ def test_a_candidate_that_overflowed_is_flagged() -> None:
 def test_detection_params_refuse_a_ratio_outside_0_1() -> None:
     with pytest.raises(ValueError, match="checked_accuracy_ratio"):
         DetectionParams(checked_accuracy_ratio=1.0)
+    for share in (0.0, 1.5):
+        with pytest.raises(ValueError, match="collapse_share"):
+            DetectionParams(collapse_share=share)
+
+
+# ------------------------------------------------- collapsed: faulty, not malicious
+@pytest.mark.parametrize(
+    ("share", "kind"),
+    [
+        (None, "malicious"),  # not measured: as before
+        (0.45, "malicious"),  # spread predictions: a flipped, working classifier
+        (0.69, "malicious"),
+        (0.7, "faulty"),  # at the threshold (DetectionParams.collapse_share)
+        (1.0, "faulty"),  # every example in one class
+    ],
+)
+def test_a_collapsed_candidate_flagged_by_the_loss_alone_is_faulty(
+    share: float | None, kind: str
+) -> None:
+    replies = [*_honest(7), _reply("c9", loss=3.2, acc=0.12, checked_top_share=share)]
+
+    (flag,) = detect(replies)
+
+    assert (flag.id, flag.kind) == ("c9", kind)
+    assert ("collapsed model" in flag.reason) == (kind == "faulty")
+
+
+def test_a_collapsed_candidate_a_geometry_detector_flags_too_is_malicious() -> None:
+    big = _reply(
+        "c9", loss=9.0, acc=0.1, checked_top_share=1.0, update_norm=10.0
+    )  # 10x the reference norm: the norm detector fires as well
+    dup = [
+        _reply(c, loss=9.0, acc=0.1, checked_top_share=1.0, duplicates=1)
+        for c in ("c10", "c11")
+    ]  # identical updates: collusion
+
+    flags = {f.id: f for f in detect([*_honest(7), big, *dup])}
+
+    assert {c: f.kind for c, f in flags.items()} == {
+        "c9": "malicious",
+        "c10": "malicious",
+        "c11": "malicious",
+    }
+    assert "update norm 10" in flags["c9"].reason
+    assert "collapsed model" in flags["c9"].reason  # the loss check's reason stays
+
+
+def test_a_collapsed_honest_looking_candidate_is_not_flagged_at_all() -> None:
+    # Collapse alone is no detector: round 1 candidates are all near one class.
+    replies = [
+        _reply(f"c{i}", loss=2.3 + 0.1 * i, acc=0.1, checked_top_share=1.0)
+        for i in range(8)
+    ]
+
+    assert detect(replies) == ()
+
+
+# ---------------------------------------------------------------- top share
+@pytest.mark.parametrize(
+    ("predicted", "share"),
+    [
+        ([0, 1, 2, 3], 0.25),
+        ([2, 2, 2, 2], 1.0),
+        ([0, 5, 5, 1, 5], 0.6),
+        ([7], 1.0),
+    ],
+)
+def test_top_class_share_is_the_commonest_class_share(
+    predicted: list[int], share: float
+) -> None:
+    assert top_class_share(np.array(predicted)) == pytest.approx(share)
+    assert top_class_share(torch.tensor(predicted)) == pytest.approx(share)
+
+
+@pytest.mark.parametrize(
+    "bad", [np.array([], dtype=np.int64), np.array([[0, 1]]), np.array([0.5, 1.0])]
+)
+def test_top_class_share_refuses_what_is_not_class_indices(bad: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="class indices"):
+        top_class_share(bad)
+    with pytest.raises(ValueError, match=">= 0"):
+        top_class_share(np.array([0, -1]))
 
 
 # ---------------------------------------------------------- the loss checker
@@ -162,6 +259,11 @@ def test_check_equals_evaluating_each_candidate_model(batch_size: int) -> None:
         loss, acc = evaluate(cand, data)
         assert checked.losses[i] == pytest.approx(loss, rel=1e-5)
         assert checked.accuracies[i] == pytest.approx(acc)
+        with torch.no_grad():
+            predicted = cand(torch.from_numpy(data.x)).argmax(1).numpy()
+        top = np.bincount(predicted).max() / len(predicted)
+        assert checked.top_shares is not None
+        assert checked.top_shares[i] == pytest.approx(top)
     base = evaluate(model, data)
     assert (checked.base_loss, checked.base_accuracy) == pytest.approx(base)
     assert checked.losses[1] == pytest.approx(checked.base_loss)  # zero update
@@ -169,6 +271,7 @@ def test_check_equals_evaluating_each_candidate_model(batch_size: int) -> None:
         "checked_loss": checked.losses[2],
         "checked_accuracy": checked.accuracies[2],
         "loss_gap": checked.losses[2] - 0.25,
+        "checked_top_share": checked.top_shares[2],
     }
 
 
@@ -270,3 +373,59 @@ def test_a_label_flipping_attacker_is_flagged_by_the_loss_check(
         len(d["decision"]["selected"]) for d in decisions if d["phase"] == "train"
     )
     assert stats["models_evaluated"] == sent + 4
+
+
+# ----------------------------------------- a faulty flag in the strategy's books
+class _FlagsFaultyAndMalicious:
+    """The deterministic policy, plus c0 flagged faulty and c1 malicious each round."""
+
+    name = "flags"
+
+    def __init__(self, inner: Policy) -> None:
+        self.inner = inner
+
+    def decide(self, obs: Observation) -> Decision:
+        d = self.inner.decide(obs)
+        if obs.phase == "train":
+            ids = ("c0", "c1", *(c for c in d.selected if c not in ("c0", "c1")))
+            return d.model_copy(update={"selected": ids[: len(d.selected)]})
+        flags = [
+            Flag(id=c, kind=k, reason="test")
+            for c, k in (("c0", "faulty"), ("c1", "malicious"))
+            if any(r.id == c for r in obs.replies)
+        ]
+        weights = {c: w for c, w in d.weights.items() if c not in ("c0", "c1")}
+        return d.model_copy(update={"flags": tuple(flags), "weights": weights})
+
+
+def test_a_faulty_flag_drops_the_reply_but_leaves_the_reputation(
+    tmp_path: Path,
+) -> None:
+    cfg = tiny_config(
+        tmp_path,
+        "run",
+        num_clients=4,
+        clients_per_round=4,
+        num_rounds=1,
+        **{"defense.enabled": True, "defense.loss_check_examples": 0},
+    )
+    strategy = build_strategy(cfg, tmp_path)
+    assert isinstance(strategy, AgentStrategy)
+    strategy.policy = _FlagsFaultyAndMalicious(strategy.policy)
+    grid = InProcessGrid(make_client_app(cfg), 4)
+    data = load_dataset(cfg.dataset.name)
+    model = build_model(cfg.model.name, data.input_shape, 10)
+
+    strategy.start(
+        grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=1
+    )
+
+    (row,) = strategy.history
+    assert row["faulty"] == ["c0"] and row["flagged"] == ["c1"]
+    assert {"c0", "c1"} <= set(row["replied"])
+    states = {c: cl.state for c, cl in strategy.clients.items()}
+    assert states["c0"].reputation == 1.0  # neither a bad nor a good round
+    assert states["c0"].consecutive_flags == 0
+    assert states["c1"].reputation == 0.5 and states["c1"].consecutive_flags == 1
+    assert states["c0"].times_flagged == 1  # still on the client's file
+    assert "c0" not in strategy.info.accepted and "c1" not in strategy.info.accepted
