@@ -555,7 +555,13 @@ class DeterministicPolicy:
             rationale=(
                 f"weights by examples{' x reputation' if self.detection else ''}; "
                 f"{kinds.count('straggler')} straggler(s), "
-                f"{kinds.count('malicious')} suspect(s) flagged; rule {rule}"
+                f"{kinds.count('malicious')} suspect(s) flagged"
+                + (
+                    f", {kinds.count('faulty')} faulty update(s) dropped"
+                    if "faulty" in kinds
+                    else ""
+                )
+                + f"; rule {rule}"
             ),
             source="deterministic",
         )

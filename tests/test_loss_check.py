@@ -12,11 +12,13 @@ import torch
 from flwr.app import Array, ArrayRecord
 from inprocess import InProcessGrid
 from support.client_runs import tiny_config
+from support.factories import plain_aggregate_obs
 from torch import nn
 
 from agent_strategy import (
     Decision,
     DetectionParams,
+    DeterministicPolicy,
     Flag,
     Observation,
     Policy,
@@ -429,3 +431,14 @@ def test_a_faulty_flag_drops_the_reply_but_leaves_the_reputation(
     assert states["c1"].reputation == 0.5 and states["c1"].consecutive_flags == 1
     assert states["c0"].times_flagged == 1  # still on the client's file
     assert "c0" not in strategy.info.accepted and "c1" not in strategy.info.accepted
+
+
+def test_the_policy_drops_a_faulty_update_and_says_so() -> None:
+    replies = [*_honest(7), _reply("c9", loss=3.2, acc=0.12, checked_top_share=1.0)]
+    obs = plain_aggregate_obs(replies)
+    policy = DeterministicPolicy(seed=0, detection=DetectionParams())
+
+    d = policy.decide(obs)
+
+    assert "c9" not in d.weights and [f.kind for f in d.flags] == ["faulty"]
+    assert "0 suspect(s) flagged, 1 faulty update(s) dropped" in d.rationale
