@@ -1,0 +1,201 @@
+"""Replay the deterministic detectors, with other settings, on finished runs.
+
+Every aggregate-phase entry of a run's ``decisions.jsonl`` holds the server-measured
+features of the replies the decision was made on. This replays
+:func:`agent_strategy.detect` and the reputation that feeds its ``record`` round by
+round over those features, with other :class:`~agent_strategy.DetectionParams`, and
+scores the flags against the run's simulated attackers like
+:mod:`fl_server.attack_report` (reply level; a ``faulty`` or ``straggler`` flag is
+not a detection). A what-if, not a rerun: who replied in each round (exclusions
+included) is the logged run's, so a setting that would have excluded other clients
+is scored on the replies the run actually got. Use it to choose settings, then
+rerun the benchmark.
+
+``--norm-examples-exponent a`` scales each reply's update norm by
+``(median examples / examples) ** a`` before detection: a client with more data
+takes more local steps and sends a larger honest update, so ``a = 0.5`` compares
+norms per square root of local work (not a detector setting: a hypothesis to test).
+
+Usage::
+
+    python -m experiments.replay_detection RUN_DIR... [--set big_norm_ratio=5 ...]
+        [--norm-examples-exponent 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent_strategy import ClientState, DetectionParams, ReplyFeatures, detect
+from agent_strategy.reputation import ReputationParams, next_state
+from fl_client.attacks import malicious_partitions
+from fl_server.policy_setup import detection_params
+from orchestration.config import RunConfig
+
+
+class NoFeaturesError(ValueError):
+    """The run's decision log has no reply features (made before they were logged)."""
+
+
+def _scaled(replies: list[ReplyFeatures], exponent: float) -> list[ReplyFeatures]:
+    if exponent == 0 or not replies:
+        return replies
+    median = statistics.median(r.num_examples for r in replies)
+    return [
+        r.model_copy(
+            update={
+                "update_norm": r.update_norm
+                * (median / max(r.num_examples, 1)) ** exponent
+            }
+        )
+        for r in replies
+    ]
+
+
+def replay_run(
+    run_dir: Path,
+    overrides: dict[str, float] | None = None,
+    norm_examples_exponent: float = 0.0,
+) -> dict[str, Any]:
+    """Return the reply-level detection counts of the run's detectors, replayed.
+
+    Parameters
+    ----------
+    run_dir : Path
+        A finished (or partial) agent run.
+    overrides : dict, optional
+        :class:`~agent_strategy.DetectionParams` fields to change from the run's
+        own (``defense.*``); none: the run's settings, which reproduces its flags.
+    norm_examples_exponent : float
+        See the module's docstring (0: the norms as measured).
+
+    Raises
+    ------
+    NoFeaturesError
+        If no aggregate entry of the run's ``decisions.jsonl`` has its replies.
+    """
+    cfg = RunConfig.model_validate(json.loads((run_dir / "config.json").read_text()))
+    params = dataclasses.replace(
+        detection_params(cfg) or DetectionParams(),
+        **(overrides or {}),  # type: ignore[arg-type]
+    )
+    bad = (
+        {
+            f"c{p}"
+            for p in malicious_partitions(
+                cfg.num_clients, cfg.attack.fraction, cfg.seed
+            )
+        }
+        if cfg.attack.kind != "none"
+        else set()
+    )
+    rep = ReputationParams(
+        exclude_after=cfg.defense.exclude_after,
+        probation_rounds=cfg.defense.probation_rounds,
+    )
+    states: dict[str, ClientState] = {}
+    tp = fp = fn = tn = rounds = 0
+    for line in (run_dir / "decisions.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if entry["phase"] != "aggregate" or "replies" not in entry:
+            continue
+        rounds += 1
+        rnd = int(entry["round"])
+        replies = [ReplyFeatures(**r) for r in entry["replies"]]
+        record = {c for c, s in states.items() if s.reputation < 1.0}
+        flags = detect(_scaled(replies, norm_examples_exponent), params, record)
+        flagged = {f.id for f in flags if f.kind == "malicious"}
+        for r in replies:
+            state = states.get(r.id) or ClientState(id=r.id)
+            states[r.id] = next_state(
+                state, round_=rnd, bad=r.id in flagged, params=rep
+            )
+            if rnd < cfg.attack.start_round:
+                continue
+            if r.id in bad:
+                tp += r.id in flagged
+                fn += r.id not in flagged
+            else:
+                fp += r.id in flagged
+                tn += r.id not in flagged
+    if rounds == 0:
+        raise NoFeaturesError(
+            f"{run_dir / 'decisions.jsonl'} has no aggregate entry with its replies' "
+            "features (runs made before the decision log carried them cannot be "
+            "replayed)"
+        )
+    return {
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "recall": tp / (tp + fn) if tp + fn else None,
+    }
+
+
+def _overrides(settings: list[str]) -> dict[str, float]:
+    fields = {f.name: f for f in dataclasses.fields(DetectionParams)}
+    values: dict[str, float] = {}
+    for item in settings:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            raise SystemExit(
+                f"--set {item!r}: expected NAME=VALUE with NAME one of "
+                f"{', '.join(fields)}"
+            )
+        values[name] = int(value) if fields[name].type == "int" else float(value)
+    DetectionParams(**values)  # type: ignore[arg-type]  # refuses invalid values
+    return values
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the logged settings' and the variant's detection on each run."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="run directories")
+    ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE")
+    ap.add_argument("--norm-examples-exponent", type=float, default=0.0)
+    args = ap.parse_args(argv)
+    variant = _overrides(args.set)
+    label = " ".join(args.set) + (
+        f" norm x (median examples / examples)^{args.norm_examples_exponent:g}"
+        if args.norm_examples_exponent
+        else ""
+    )
+    lines = [
+        "| run | settings | tp | fp | fn | precision | recall |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in args.runs:
+        try:
+            rows = [
+                ("the run's own", replay_run(run)),
+                (
+                    label.strip() or "the run's own",
+                    replay_run(run, variant, args.norm_examples_exponent),
+                ),
+            ]
+        except (OSError, NoFeaturesError) as e:
+            print(f"{run}: {e}", file=sys.stderr)
+            return 2
+        lines += [
+            f"| {run.name} | {name} | {s['tp']} | {s['fp']} | {s['fn']} | "
+            f"{_fmt(s['precision'])} | {_fmt(s['recall'])} |"
+            for name, s in rows
+        ]
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
