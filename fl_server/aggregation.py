@@ -24,13 +24,19 @@ def flatten_arrays(
 def unflatten_vector(
     vector: np.ndarray, shapes: list[tuple[int, ...]], dtypes: list[np.dtype]
 ) -> list[np.ndarray]:
-    """Split ``vector`` back into arrays of the given shapes and dtypes."""
+    """Split ``vector`` back into arrays of the given shapes and dtypes.
+
+    An array already of its dtype is a view of ``vector`` (no copy): callers that
+    keep or change the arrays while ``vector`` changes must copy them.
+    """
     sizes = [int(np.prod(s)) for s in shapes]
     if sum(sizes) != vector.size:
         raise ValueError(f"vector has {vector.size} values, shapes need {sum(sizes)}")
     out, start = [], 0
     for shape, dtype, size in zip(shapes, dtypes, sizes, strict=True):
-        out.append(vector[start : start + size].reshape(shape).astype(dtype))
+        out.append(
+            vector[start : start + size].reshape(shape).astype(dtype, copy=False)
+        )
         start += size
     return out
 

@@ -45,7 +45,6 @@ from fl_client.compression import META_KEY
 from fl_client.personal import LAYER_MODES, personal_keys
 from orchestration.config import RunConfig
 
-from .aggregation import unflatten_vector
 from .validation import InvalidReply, ModelSpec
 
 log = logging.getLogger("agentfl.strategy")
@@ -185,15 +184,7 @@ class ClientFeatures:
         if metrics.get("ef-residual-missing", 0):
             self.residuals_missing += 1
             log.warning("client %s lost its error-feedback residual; plain top-k", cid)
-        dense = unflatten_vector(
-            global_vec + update, list(spec.shapes), list(spec.dtypes)
-        )
-        out = ArrayRecord(
-            {
-                n: Array(np.ascontiguousarray(a))
-                for n, a in zip(spec.names, dense, strict=True)
-            }
-        )
+        out = spec.to_record(global_vec + update)
         return RecordDict({"arrays": out, **dict(content.metric_records.items())})
 
     # ------------------------------------------------------------ evaluation

@@ -212,8 +212,7 @@ class LossChecker:
             k: torch.from_numpy(np.ascontiguousarray(v.numpy()))
             for k, v in (kept or {}).items()
         }
-        sizes = [int(np.prod(s)) for s in spec.shapes]
-        bounds = np.cumsum([0, *sizes])
+        bounds = np.cumsum([0, *spec.counts])
 
         def params(vec: np.ndarray) -> dict[str, torch.Tensor]:
             out = dict(fixed)

@@ -382,7 +382,7 @@ class AgentStrategy(Strategy):
                     self._spec,
                     out=matrix[slot_of[cid]],
                     max_examples=2 * self.clients[cid].registered_examples or None,
-                    check_finite=False,  # below, from the float64 norms
+                    check_finite=False,  # below, from the norms
                 )
             except InvalidReply as e:
                 self._fail(cid, f"rejected: {e}", rejected=True)
@@ -402,9 +402,9 @@ class AgentStrategy(Strategy):
         updates = matrix if len(present) == len(slot_of) else matrix[present]
         row_of = {c: i for i, c in enumerate(c for c in slot_of if c in valid)}
         updates -= self._global
-        # The norms' float64 sums of squares are the finiteness check (one pass
-        # for both); a row with NaN or inf is rejected before any feature or
-        # aggregate sees it.
+        # The norms are the finiteness check (one pass for both; a row whose
+        # float32 sum overflows is summed again in float64, so the test is exact);
+        # a row with NaN or inf is rejected before any feature or aggregate sees it.
         norms = l2_norms(updates)
         finite = finite_rows(norms**2)
         if not finite.all():

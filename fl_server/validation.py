@@ -10,7 +10,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.common.constant import SType
 
-from .aggregation import flatten_arrays
+from .aggregation import flatten_arrays, unflatten_vector
 
 REQUIRED_METRICS = ("num-examples", "train-loss", "train-duration", "partition-id")
 
@@ -117,15 +117,13 @@ class ModelSpec:
             raise ValueError(
                 f"vector has shape {vector.shape}, expected ({self.size},)"
             )
-        arrays: dict[str, Array] = {}
-        start = 0
-        for i, (name, shape, dtype, count) in enumerate(
-            zip(self.names, self.shapes, self.dtypes, self.counts, strict=True)
-        ):
-            piece = vector[start : start + count].reshape(shape)
-            arrays[name] = self.encode(i, piece.astype(dtype, copy=False))
-            start += count
-        return ArrayRecord(arrays)
+        arrays = unflatten_vector(vector, list(self.shapes), list(self.dtypes))
+        return ArrayRecord(
+            {
+                name: self.encode(i, a)
+                for i, (name, a) in enumerate(zip(self.names, arrays, strict=True))
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -227,10 +225,11 @@ def validate_train_reply(
 def finite_rows(sq_norms: np.ndarray) -> np.ndarray:
     """Return which rows of a float32 matrix hold only finite values.
 
-    ``sq_norms`` are the rows' sums of squares accumulated in float64
-    (:func:`fl_server.aggregation.l2_norms` squared): a NaN or an infinity in a row
-    makes its sum NaN or inf, and finite float32 values never overflow a float64
-    sum (at most ``3.4e38 ** 2 * size``), so the test is exact.
+    ``sq_norms`` are the rows' sums of squares in float64
+    (:func:`fl_server.aggregation.l2_norms` squared, which sums a row again in
+    float64 when its float32 sum overflows): a NaN or an infinity in a row makes its
+    sum NaN or inf, and finite float32 values never overflow a float64 sum (at most
+    ``3.4e38 ** 2 * size``), so the test is exact.
     """
     return np.isfinite(np.asarray(sq_norms, dtype=np.float64))
 
@@ -241,8 +240,8 @@ def non_finite_array(vector: np.ndarray, spec: ModelSpec) -> str:
     For the rejection message of a row :func:`finite_rows` refused; ``""`` if none.
     """
     start = 0
-    for name, shape in zip(spec.names, spec.shapes, strict=True):
-        stop = start + int(np.prod(shape))
+    for name, count in zip(spec.names, spec.counts, strict=True):
+        stop = start + count
         if not np.all(np.isfinite(vector[start:stop])):
             return name
         start = stop
