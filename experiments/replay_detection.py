@@ -4,12 +4,13 @@ Every aggregate-phase entry of a run's ``decisions.jsonl`` holds the server-meas
 features of the replies the decision was made on. This replays
 :func:`agent_strategy.detect` and the reputation that feeds its ``record`` round by
 round over those features, with other :class:`~agent_strategy.DetectionParams`, and
-scores the flags against the run's simulated attackers like
-:mod:`fl_server.attack_report` (reply level; a ``faulty`` or ``straggler`` flag is
-not a detection). A what-if, not a rerun: who replied in each round (exclusions
-included) is the logged run's, so a setting that would have excluded other clients
-is scored on the replies the run actually got. Use it to choose settings, then
-rerun the benchmark.
+scores the flags against the run's simulated attackers with
+:func:`fl_server.attack_report.detection_scores` (reply level; a ``faulty`` or
+``straggler`` flag is not a detection). A what-if, not a rerun: who replied in each
+round (exclusions included) is the logged run's, so a setting that would have
+excluded other clients is scored on the replies the run actually got; replies the
+server rejected are not in the log and count neither way. Use it to choose
+settings, then rerun the benchmark.
 
 ``--norm-examples-exponent a`` scales each reply's update norm by
 ``(median examples / examples) ** a`` before detection: a client with more data
@@ -35,6 +36,7 @@ from typing import Any
 from agent_strategy import ClientState, DetectionParams, ReplyFeatures, detect
 from agent_strategy.reputation import ReputationParams, next_state
 from fl_client.attacks import malicious_partitions
+from fl_server.attack_report import detection_scores
 from fl_server.policy_setup import detection_params
 from orchestration.config import RunConfig
 
@@ -86,57 +88,57 @@ def replay_run(
         **(overrides or {}),  # type: ignore[arg-type]
     )
     bad = (
-        {
+        [
             f"c{p}"
             for p in malicious_partitions(
                 cfg.num_clients, cfg.attack.fraction, cfg.seed
             )
-        }
+        ]
         if cfg.attack.kind != "none"
-        else set()
+        else []
     )
     rep = ReputationParams(
         exclude_after=cfg.defense.exclude_after,
         probation_rounds=cfg.defense.probation_rounds,
     )
     states: dict[str, ClientState] = {}
-    tp = fp = fn = tn = rounds = 0
+    history: list[dict[str, Any]] = []
     for line in (run_dir / "decisions.jsonl").read_text().splitlines():
         entry = json.loads(line)
         if entry["phase"] != "aggregate" or "replies" not in entry:
             continue
-        rounds += 1
         rnd = int(entry["round"])
         replies = [ReplyFeatures(**r) for r in entry["replies"]]
         record = {c for c, s in states.items() if s.reputation < 1.0}
         flags = detect(_scaled(replies, norm_examples_exponent), params, record)
         flagged = {f.id for f in flags if f.kind == "malicious"}
+        faulty = {f.id for f in flags if f.kind == "faulty"} - flagged
         for r in replies:
+            if r.id in faulty:  # neither a bad nor a good round, as the strategy
+                continue
             state = states.get(r.id) or ClientState(id=r.id)
             states[r.id] = next_state(
                 state, round_=rnd, bad=r.id in flagged, params=rep
             )
-            if rnd < cfg.attack.start_round:
-                continue
-            if r.id in bad:
-                tp += r.id in flagged
-                fn += r.id not in flagged
-            else:
-                fp += r.id in flagged
-                tn += r.id not in flagged
-    if rounds == 0:
+        history.append(
+            {
+                "round": rnd,
+                "replied": [r.id for r in replies],
+                "flagged": sorted(flagged),
+                "faulty": sorted(faulty),
+            }
+        )
+    if not history:
         raise NoFeaturesError(
             f"{run_dir / 'decisions.jsonl'} has no aggregate entry with its replies' "
             "features (runs made before the decision log carried them cannot be "
             "replayed)"
         )
+    scores = detection_scores(history, bad, cfg.attack.start_round)
     return {
-        "tp": tp,
-        "fp": fp,
-        "fn": fn,
-        "tn": tn,
-        "precision": tp / (tp + fp) if tp + fp else None,
-        "recall": tp / (tp + fn) if tp + fn else None,
+        **scores["replies"],
+        "precision": scores["precision"],
+        "recall": scores["recall"],
     }
 
 
