@@ -106,11 +106,10 @@ def dense_replay(cfg: RunConfig, run_dir: Path) -> list[tuple[float, float]] | N
     rows = [json.loads(x) for x in (run_dir / "results.jsonl").read_text().splitlines()]
     if any(r["failures"] for r in rows):
         return None
-    train = [
-        json.loads(x)["decision"]["allocations"]
-        for x in (run_dir / "decisions.jsonl").read_text().splitlines()
-        if json.loads(x)["phase"] == "train"
+    entries = [
+        json.loads(x) for x in (run_dir / "decisions.jsonl").read_text().splitlines()
     ]
+    train = [e["decision"]["allocations"] for e in entries if e["phase"] == "train"]
     codecs = {a["compression"] for allocs in train for a in allocs.values()}
     size = upload_bytes(cfg, codecs | {"none"})
     clients, _ = split_for(cfg)
@@ -122,8 +121,8 @@ def dense_replay(cfg: RunConfig, run_dir: Path) -> list[tuple[float, float]] | N
         up = sum(size[a["compression"]] for a in allocs.values())
         if up != rows[r]["bytes_up"] or down != size["none"]:
             raise ValueError(
-                f"{run_dir} round {r}: replayed {up} bytes up and {down} down, the "
-                f"run measured {rows[r]['bytes_up']} and {size['none']}"
+                f"{run_dir} round {r}: replayed {up} bytes up and {size['none']} "
+                f"down per client, the run measured {rows[r]['bytes_up']} and {down}"
             )
         run_s, dense_s = 0.0, 0.0
         for cid, a in allocs.items():
