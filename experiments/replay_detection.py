@@ -168,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE")
     ap.add_argument("--norm-examples-exponent", type=float, default=0.0)
     args = ap.parse_args(argv)
-    variant = _overrides(args.set)
+    try:
+        variant = _overrides(args.set)
+    except ValueError as e:  # a value DetectionParams refuses
+        print(f"--set {' '.join(args.set)}: {e}", file=sys.stderr)
+        return 2
     label = " ".join(args.set) + (
         f" norm x (median examples / examples)^{args.norm_examples_exponent:g}"
         if args.norm_examples_exponent

@@ -110,6 +110,8 @@ def test_settings_are_checked(
         _overrides(["no_such=1"])
     with pytest.raises(ValueError, match="z_threshold"):
         _overrides(["z_threshold=-1"])
+    assert main([str(attacked_run), "--set", "z_threshold=-1"]) == 2
+    assert "z_threshold" in capsys.readouterr().err
 
     assert main([str(attacked_run), "--norm-examples-exponent", "0.5"]) == 0
     table = capsys.readouterr().out
