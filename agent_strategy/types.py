@@ -77,6 +77,12 @@ class ReplyFeatures(_Frozen):
 
     id: str = Field(pattern=r"^c\d+$")
     num_examples: int = Field(ge=1)
+    registered_examples: int | None = Field(
+        None,
+        ge=1,
+        description="training examples the client registered at roll call (not "
+        "this reply's report); None: unknown, the reported count stands in",
+    )
     train_loss: float
     duration_s: float = Field(ge=0)
     update_norm: float = Field(ge=0, description="L2 norm of (new - global)")

@@ -12,15 +12,13 @@ excluded other clients is scored on the replies the run actually got; replies th
 server rejected are not in the log and count neither way. Use it to choose
 settings, then rerun the benchmark.
 
-``--norm-examples-exponent a`` scales each reply's update norm by
-``(median examples / examples) ** a`` before detection: a client with more data
-takes more local steps and sends a larger honest update, so ``a = 0.5`` compares
-norms per square root of local work (not a detector setting: a hypothesis to test).
+The run's own settings are its ``config.json``'s ``defense.*``. Runs made before
+``defense.norm_examples_exponent`` existed compared raw norms: replay them with
+``--set norm_examples_exponent=0`` to reproduce their flags.
 
 Usage::
 
     python -m experiments.replay_detection RUN_DIR... [--set big_norm_ratio=5 ...]
-        [--norm-examples-exponent 0.5]
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,25 +42,9 @@ class NoFeaturesError(ValueError):
     """The run's decision log has no reply features (made before they were logged)."""
 
 
-def _scaled(replies: list[ReplyFeatures], exponent: float) -> list[ReplyFeatures]:
-    if exponent == 0 or not replies:
-        return replies
-    median = statistics.median(r.num_examples for r in replies)
-    return [
-        r.model_copy(
-            update={
-                "update_norm": r.update_norm
-                * (median / max(r.num_examples, 1)) ** exponent
-            }
-        )
-        for r in replies
-    ]
-
-
 def replay_run(
     run_dir: Path,
     overrides: dict[str, float] | None = None,
-    norm_examples_exponent: float = 0.0,
 ) -> dict[str, Any]:
     """Return the reply-level detection counts of the run's detectors, replayed.
 
@@ -74,8 +55,6 @@ def replay_run(
     overrides : dict, optional
         :class:`~agent_strategy.DetectionParams` fields to change from the run's
         own (``defense.*``); none: the run's settings, which reproduces its flags.
-    norm_examples_exponent : float
-        See the module's docstring (0: the norms as measured).
 
     Raises
     ------
@@ -110,7 +89,7 @@ def replay_run(
         rnd = int(entry["round"])
         replies = [ReplyFeatures(**r) for r in entry["replies"]]
         record = {c for c, s in states.items() if s.reputation < 1.0}
-        flags = detect(_scaled(replies, norm_examples_exponent), params, record)
+        flags = detect(replies, params, record)
         flagged = {f.id for f in flags if f.kind == "malicious"}
         faulty = {f.id for f in flags if f.kind == "faulty"} - flagged
         for r in replies:
@@ -166,18 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="run directories")
     ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE")
-    ap.add_argument("--norm-examples-exponent", type=float, default=0.0)
     args = ap.parse_args(argv)
     try:
         variant = _overrides(args.set)
     except ValueError as e:  # a value DetectionParams refuses
         print(f"--set {' '.join(args.set)}: {e}", file=sys.stderr)
         return 2
-    label = " ".join(args.set) + (
-        f" norm x (median examples / examples)^{args.norm_examples_exponent:g}"
-        if args.norm_examples_exponent
-        else ""
-    )
+    label = " ".join(args.set)
     lines = [
         "| run | settings | tp | fp | fn | precision | recall |",
         "|---|---|---|---|---|---|---|",
@@ -188,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("the run's own", replay_run(run)),
                 (
                     label.strip() or "the run's own",
-                    replay_run(run, variant, args.norm_examples_exponent),
+                    replay_run(run, variant),
                 ),
             ]
         except (OSError, NoFeaturesError) as e:

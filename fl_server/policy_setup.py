@@ -86,7 +86,11 @@ def detection_params(cfg: RunConfig) -> DetectionParams | None:
     d = cfg.defense
     if not d.enabled:
         return None
-    return DetectionParams(z_threshold=d.z_threshold, min_cosine=d.min_cosine)
+    return DetectionParams(
+        z_threshold=d.z_threshold,
+        min_cosine=d.min_cosine,
+        norm_examples_exponent=d.norm_examples_exponent,
+    )
 
 
 @contextmanager

@@ -445,6 +445,7 @@ class AgentStrategy(Strategy):
             ReplyFeatures(
                 id=c,
                 num_examples=valid[c].num_examples,
+                registered_examples=self.clients[c].registered_examples or None,
                 train_loss=valid[c].train_loss,
                 duration_s=valid[c].duration_s,
                 update_norm=float(feats["update_norm"][row_of[c]]),

@@ -292,6 +292,13 @@ class DefenseConfig(_Section):
         description="cosine to the median below which an amplified reply (norm >= "
         "1.5x the reference) is flagged; 0.3 lower, any norm >= the reference",
     )
+    norm_examples_exponent: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="update norms are compared per (registered examples)^this: a "
+        "client with more data takes more local steps; 0 = raw norms",
+    )
     loss_check_examples: int = Field(
         256,
         ge=0,

@@ -18,7 +18,7 @@ from agent_strategy import (
     is_excluded,
     next_state,
 )
-from agent_strategy.detection import core_mask, reference, robust_z
+from agent_strategy.detection import core_mask, reference, robust_z, scaled_norms
 from fl_server.attack_report import detection_scores
 from fl_server.features import duplicate_counts, krum_ratios, update_features
 
@@ -26,17 +26,15 @@ from fl_server.features import duplicate_counts, krum_ratios, update_features
 def _reply(
     cid: str, norm: float = 1.0, cos: float = 0.6, **kw: object
 ) -> ReplyFeatures:
-    return ReplyFeatures.model_validate(
-        dict(
-            id=cid,
-            num_examples=100,
-            train_loss=0.5,
-            duration_s=1.0,
-            update_norm=norm,
-            cosine_to_median=cos,
-            **kw,
-        )
+    fields: dict[str, object] = dict(
+        id=cid,
+        num_examples=100,
+        train_loss=0.5,
+        duration_s=1.0,
+        update_norm=norm,
+        cosine_to_median=cos,
     )
+    return ReplyFeatures.model_validate({**fields, **kw})
 
 
 def _honest(n: int = 8) -> list[ReplyFeatures]:
@@ -193,6 +191,40 @@ def test_the_policy_passes_the_clients_with_a_record() -> None:
     assert [f.id for f in flags] == ["c9"]
 
 
+def test_norms_are_scaled_per_square_root_of_registered_examples() -> None:
+    reps = [
+        _reply("c0", 1.0, registered_examples=100),
+        _reply("c1", 2.0, registered_examples=400),
+        _reply("c2", 3.0, num_examples=900),  # registered unknown: reported stands in
+    ]
+
+    # median examples 400: c0 x sqrt(4), c1 x 1, c2 x sqrt(400/900)
+    np.testing.assert_allclose(scaled_norms(reps, 0.5), [2.0, 2.0, 2.0])
+    np.testing.assert_allclose(scaled_norms(reps, 0.0), [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(scaled_norms(reps, 1.0), [4.0, 2.0, 3.0 * 4 / 9])
+
+
+def test_an_honest_client_with_much_more_data_is_not_flagged_for_its_norm() -> None:
+    # The benchmark's case: a client with 9x the median's examples takes 9x the
+    # local steps and sends a 4.5x update; per sqrt(examples) it is ordinary.
+    reps = [
+        _reply(r.id, r.update_norm, r.cosine_to_median or 0.0, registered_examples=100)
+        for r in _honest()
+    ]
+    big = _reply("c9", 4.5, 0.6, registered_examples=900)
+    attacker = _reply("c10", 4.5, 0.6, registered_examples=100)
+
+    assert detect([*reps, big]) == ()
+    raw = DetectionParams(norm_examples_exponent=0.0)
+    assert [f.id for f in detect([*reps, big], raw)] == ["c9"]
+    flags = detect([*reps, big, attacker])
+    assert [f.id for f in flags] == ["c10"]
+    assert "per its examples" not in flags[0].reason  # median count: unscaled
+    boosted = _reply("c11", 20.0, 0.6, registered_examples=400)  # 10 per sqrt
+    (flag,) = detect([*reps, boosted])
+    assert flag.id == "c11" and "update norm 20 (10 per its examples)" in flag.reason
+
+
 def test_invalid_parameters_are_refused() -> None:
     with pytest.raises(ValueError, match="low_norm_ratio"):
         DetectionParams(low_norm_ratio=1.5)
@@ -202,6 +234,8 @@ def test_invalid_parameters_are_refused() -> None:
         DetectionParams(majority_norm_ratio=0.9)
     with pytest.raises(ValueError, match="z_threshold"):
         DetectionParams(z_threshold=0.0)
+    with pytest.raises(ValueError, match="norm_examples_exponent"):
+        DetectionParams(norm_examples_exponent=1.5)
 
 
 def test_duplicate_counts_and_krum_ratios_on_known_rows() -> None:

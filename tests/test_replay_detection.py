@@ -113,6 +113,6 @@ def test_settings_are_checked(
     assert main([str(attacked_run), "--set", "z_threshold=-1"]) == 2
     assert "z_threshold" in capsys.readouterr().err
 
-    assert main([str(attacked_run), "--norm-examples-exponent", "0.5"]) == 0
+    assert main([str(attacked_run), "--set", "norm_examples_exponent=0"]) == 0
     table = capsys.readouterr().out
-    assert "the run's own" in table and "(median examples / examples)^0.5" in table
+    assert "the run's own" in table and "| norm_examples_exponent=0 |" in table
