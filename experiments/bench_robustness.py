@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from agent_strategy.detection import DetectionParams
+from experiments.report_io import write_report
 from orchestration.config import AttackName
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,8 +197,8 @@ def _fmt(x: float | None, pct: bool = True) -> str:
 def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
     """Write the table, the JSON and the plots from the runs in ``runs_dir``.
 
-    ``<out stem>_notes.md`` beside ``out``, if it exists, is appended as is (the
-    hand-written account of the misses).
+    A ``## Notes`` section of the report it replaces (the hand-written account of
+    the misses) is kept (:func:`experiments.report_io.write_report`).
     """
     rows = _load(runs_dir)
     by: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
@@ -342,11 +343,7 @@ def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
         f"{len(rows)} runs in `{_rel(runs_dir)}`. "
         f"To run or continue the sweep (finished runs are skipped): `{command}`",
     ]
-    notes = out.with_name(out.stem + "_notes.md")
-    if notes.exists():  # hand-written commentary (misses and why), kept as is
-        lines += ["", notes.read_text().rstrip()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    write_report(out, "\n".join(lines) + "\n")
     data = {"clean_fedavg": clean, "cells": summary_cells, "runs": rows}
     out.with_suffix(".json").write_text(json.dumps(data, indent=2))
     _plots(by, cells, out.parent)

@@ -123,7 +123,7 @@ def test_report_scores_cells_failed_runs_and_clean_flags(tmp_path: Path) -> None
 
     out = tmp_path / "res" / "robustness.md"
     out.parent.mkdir()
-    (out.parent / "robustness_notes.md").write_text("## Misses\n\nnone\n")
+    out.write_text("old table\n\n## Notes\n\nnone\n")  # hand-written notes: kept
     data = report(runs, out, "cmd")
 
     (cell,) = data["cells"]
@@ -150,7 +150,7 @@ def test_report_scores_cells_failed_runs_and_clean_flags(tmp_path: Path) -> None
     )
     assert "before the server loss check existed (their detection has no loss " in text
     assert "check): `clean-agent-s0`." in text
-    assert text.endswith("## Misses\n\nnone\n")
+    assert text.endswith("## Notes\n\nnone\n") and "old table" not in text
     assert (out.parent / "robustness.json").exists()
     assert (out.parent / "robustness_accuracy_f20.png").exists()
     assert (out.parent / "robustness_detection.png").exists()
