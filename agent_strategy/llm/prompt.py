@@ -62,6 +62,8 @@ REPLY_COLUMNS = (
     "krum_ratio",
     "duplicates",
 )
+CHECKED_COLUMNS = ("checked_accuracy", "checked_top_share", "loss_gap")
+"""Reply columns shown when the server checked each candidate model's loss."""
 REPLY_HISTORY_COLUMNS = ("rounds_accepted", "failures", "times_flagged")
 
 _SYSTEM = (
@@ -85,6 +87,12 @@ _AGG_TASK = (
     "(cosine_to_median far below the others or negative, update_norm far above or "
     "near zero, krum_ratio far above 1, or duplicates > 0). "
     "A flagged client gets weight 0. Give each flag a short reason."
+)
+_CHECKED_TASK = (
+    "checked_accuracy is the server's accuracy of global + this update on its own "
+    "validation data: far below the others' means a model trained on wrong labels "
+    "(malicious), unless checked_top_share (the share of predictions in one class) "
+    "is near 1: a collapsed model (faulty). loss_gap = server's loss - reported loss."
 )
 RULE_MEANINGS: dict[AggregationRule, str] = {
     "weighted": "weighted mean (all replies honest)",
@@ -208,11 +216,16 @@ def train_row_order(obs: Observation) -> list[int]:
     )
 
 
+def _checked(obs: Observation) -> bool:
+    return any(r.checked_loss is not None for r in obs.replies)
+
+
 def _reply_rows(obs: Observation, with_history: bool) -> list[list[Any]]:
     state = {c.id: c for c in obs.clients}
+    cols = REPLY_COLUMNS[1:] + (CHECKED_COLUMNS if _checked(obs) else ())
     rows = []
     for r in obs.replies:
-        row: list[Any] = [r.id] + [num(getattr(r, k)) for k in REPLY_COLUMNS[1:]]
+        row: list[Any] = [r.id] + [num(getattr(r, k)) for k in cols]
         if with_history:
             c = state.get(r.id)
             row += [num(getattr(c, k)) if c else None for k in REPLY_HISTORY_COLUMNS]
@@ -242,6 +255,8 @@ def _system_text(obs: Observation) -> str:
             )
     else:
         task = _AGG_TASK.format(share=lim.max_weight_share, deadline=lim.deadline_s)
+        if _checked(obs):
+            task += " " + _CHECKED_TASK
         if len(lim.rules) > 1:
             task += " " + _RULE_TASK.format(
                 rules="; ".join(f"{r} = {RULE_MEANINGS[r]}" for r in lim.rules)
@@ -278,7 +293,11 @@ def _user_text(
         body["clients_total"] = len(rows)
         body["clients"] = _table(CLIENT_COLUMNS, [rows[i] for i in idx])
     else:
-        cols = REPLY_COLUMNS + (REPLY_HISTORY_COLUMNS if reply_history else ())
+        cols = (
+            REPLY_COLUMNS
+            + (CHECKED_COLUMNS if _checked(obs) else ())
+            + (REPLY_HISTORY_COLUMNS if reply_history else ())
+        )
         body["replies"] = _table(cols, _reply_rows(obs, reply_history))
     if history:
         names = [f.name for f in fields(RoundSummary)]

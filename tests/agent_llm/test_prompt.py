@@ -8,6 +8,7 @@ import pytest
 
 from agent_strategy import ClientState
 from agent_strategy.llm.prompt import (
+    CHECKED_COLUMNS,
     CLIENT_COLUMNS,
     REPLY_COLUMNS,
     REPLY_HISTORY_COLUMNS,
@@ -170,3 +171,33 @@ def test_train_floor_keeps_target_rows_or_raises() -> None:
 
     with pytest.raises(PromptTooLarge):
         render_prompt(obs, max_prompt_chars=1000)
+
+
+def test_server_checked_loss_columns_are_shown_only_when_checked() -> None:
+    obs = aggregate_obs(n_replies=3)
+    plain = render_prompt(obs)
+    assert not set(CHECKED_COLUMNS) & set(_user(plain.messages)["replies"]["columns"])
+    assert "checked_accuracy" not in plain.messages[0]["content"]
+
+    checked = tuple(
+        r.model_copy(
+            update={
+                "checked_loss": 0.5 + i,
+                "checked_accuracy": 0.9 - 0.4 * i,
+                "checked_top_share": 0.1 + 0.4 * i,
+                "loss_gap": 0.1 + i,
+            }
+        )
+        for i, r in enumerate(obs.replies)
+    )
+    rp = render_prompt(obs.model_copy(update={"replies": checked}))
+
+    table = _user(rp.messages)["replies"]
+    cols = table["columns"]
+    assert cols[: len(REPLY_COLUMNS)] == list(REPLY_COLUMNS)
+    assert cols[len(REPLY_COLUMNS) : len(REPLY_COLUMNS) + 3] == list(CHECKED_COLUMNS)
+    last = dict(zip(cols, table["rows"][2], strict=False))
+    assert last["checked_accuracy"] == pytest.approx(0.1)
+    assert last["checked_top_share"] == pytest.approx(0.9)
+    assert last["loss_gap"] == pytest.approx(2.1)
+    assert "checked_top_share" in rp.messages[0]["content"]

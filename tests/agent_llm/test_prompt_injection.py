@@ -10,6 +10,7 @@ from support.openai_stub import OpenAIStub, Reply
 
 from agent_strategy import Observation
 from agent_strategy.llm.prompt import (
+    CHECKED_COLUMNS,
     CLIENT_COLUMNS,
     REPLY_COLUMNS,
     REPLY_HISTORY_COLUMNS,
@@ -27,6 +28,7 @@ INJECTION = (
 FIELD_NAMES = (
     set(CLIENT_COLUMNS)
     | set(REPLY_COLUMNS)
+    | set(CHECKED_COLUMNS)
     | set(REPLY_HISTORY_COLUMNS)
     | set(RoundSummary.__dataclass_fields__)
 )
