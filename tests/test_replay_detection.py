@@ -116,3 +116,19 @@ def test_settings_are_checked(
     assert main([str(attacked_run), "--set", "norm_examples_exponent=0"]) == 0
     table = capsys.readouterr().out
     assert "the run's own" in table and "| norm_examples_exponent=0 |" in table
+
+
+def test_each_logged_reply_carries_its_clients_roll_call_examples(
+    attacked_run: Path,
+) -> None:
+    replies = [
+        r
+        for line in (attacked_run / "decisions.jsonl").read_text().splitlines()
+        if (d := json.loads(line))["phase"] == "aggregate"
+        for r in d.get("replies", [])
+    ]
+
+    assert replies
+    # The detectors scale norms by this count; an honest client reports the
+    # training set it registered at roll call, so the two agree here.
+    assert all(r["registered_examples"] == r["num_examples"] for r in replies)
