@@ -86,6 +86,13 @@ norm detector flag an honest client's later one-off large update as a repeat
 offence, which is how the honest clients c17 and c9 of the benchmark were flagged
 over and over; an attacker's record comes from its own malicious flags.
 
+A record expires: it is a reputation under ``record_below`` (0.8), and reputation
+recovers a quarter of its gap to 1 per good round (:mod:`agent_strategy.reputation`),
+so four good rounds after a single flag (0.5 -> 0.84) clear it. With a record that
+never expired (any reputation under 1), one flag on an honest client with large
+updates made every later outsized one a "repeat" (seed 1's c5 of the benchmark: one
+direction flag in round 3, then five repeated-norm flags in rounds 16-25).
+
 The Krum ratio is reported in the reason but is not a detector of its own: it is
 mostly the norm again, and alone it flagged honest clients with a large norm.
 With fewer than ``min_replies_for_z`` replies there is no core: the reference is the
@@ -127,8 +134,11 @@ class DetectionParams:
     min_loss_excess: float = 0.5
     collapse_share: float = 0.7
     norm_examples_exponent: float = 0.5
+    record_below: float = 0.8
 
     def __post_init__(self) -> None:
+        if not 0 < self.record_below <= 1:
+            raise ValueError(f"need 0 < record_below <= 1, got {self.record_below}")
         if not 0 <= self.norm_examples_exponent <= 1:
             raise ValueError(
                 "need 0 <= norm_examples_exponent <= 1, got "
@@ -303,7 +313,9 @@ def detect(
     params : DetectionParams
         The thresholds.
     record : collection of str
-        Clients with a record (flagged or rejected before: reputation under 1).
+        Clients with a record: flagged or rejected recently, their reputation
+        under ``params.record_below`` (the caller's choice; the deterministic
+        policy passes exactly those).
         For them a norm ``repeat_norm_ratio`` times the reference is enough: an
         attacker keeps sending outsized updates, an honest client's large one is a
         one-off.

@@ -533,7 +533,9 @@ class DeterministicPolicy:
         rule = "weighted"
         reputation = {c.id: 1.0 for c in obs.clients}
         if self.detection is not None:
-            record = {c.id for c in obs.clients if c.reputation < 1.0}
+            record = {
+                c.id for c in obs.clients if c.reputation < self.detection.record_below
+            }
             suspects = detect(obs.replies, self.detection, record)
             flags += suspects
             reputation = {c.id: c.reputation for c in obs.clients}

@@ -9,12 +9,13 @@ change, so the decision log shows what the policy asked for and what was done.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from .reputation import is_excluded
-from .types import Allocation, Compression, Decision, Flag, Observation
+from .types import Allocation, Compression, Decision, Flag, Limits, Observation
 
 
 class GuardError(ValueError):
@@ -242,6 +243,28 @@ def _clamp_allocation(alloc: Allocation, obs: Observation) -> Allocation:
     )
 
 
+def cap_flags(flags: Sequence[Flag], n_replies: int, limits: Limits) -> list[Flag]:
+    """Return the first flags, in order, on as many clients as the guard allows.
+
+    At most ``min(n_replies - limits.min_clients, int(limits.max_flag_share *
+    n_replies))`` clients stay flagged (at least ``min_clients`` replies and the rest
+    of the share must stay accepted); a later flag on a client already kept is kept
+    too. Flags come most suspicious first (:func:`~agent_strategy.detect`), so the
+    cap drops the least suspicious.
+    """
+    keep = min(
+        max(n_replies - limits.min_clients, 0),
+        int(limits.max_flag_share * n_replies),
+    )
+    kept: list[Flag] = []
+    kept_ids: set[str] = set()
+    for f in flags:
+        if f.id in kept_ids or len(kept_ids) < keep:
+            kept.append(f)
+            kept_ids.add(f.id)
+    return kept
+
+
 def _guard_aggregate(decision: Decision, obs: Observation) -> Guarded:
     changes: list[str] = []
     reply_ids = [r.id for r in obs.replies]
@@ -254,17 +277,8 @@ def _guard_aggregate(decision: Decision, obs: Observation) -> Guarded:
         elif (f.id, f.kind) not in seen:
             seen.add((f.id, f.kind))
             flags.append(f)
-    keep_flags = min(
-        max(len(obs.replies) - obs.limits.min_clients, 0),
-        int(obs.limits.max_flag_share * len(obs.replies)),
-    )
-    if len({f.id for f in flags}) > keep_flags:
-        kept: list[Flag] = []
-        kept_ids: set[str] = set()
-        for f in flags:
-            if f.id in kept_ids or len(kept_ids) < keep_flags:
-                kept.append(f)
-                kept_ids.add(f.id)
+    kept = cap_flags(flags, len(obs.replies), obs.limits)
+    if len(kept) < len(flags):
         changes.append(
             f"dropped {len(flags) - len(kept)} flag(s): at least "
             f"{obs.limits.min_clients} replies and "

@@ -3,14 +3,16 @@
 Every aggregate-phase entry of a run's ``decisions.jsonl`` holds the server-measured
 features of the replies the decision was made on. This replays
 :func:`agent_strategy.detect` and the reputation that feeds its ``record`` round by
-round over those features, with other :class:`~agent_strategy.DetectionParams`, and
-scores the flags against the run's simulated attackers with
+round over those features, with other :class:`~agent_strategy.DetectionParams`, keeps
+as many flagged clients as the guard does (:func:`~agent_strategy.guard.cap_flags`),
+and scores the flags against the run's simulated attackers with
 :func:`fl_server.attack_report.detection_scores` (reply level; a ``faulty`` or
 ``straggler`` flag is not a detection). A what-if, not a rerun: who replied in each
 round (exclusions included) is the logged run's, so a setting that would have
 excluded other clients is scored on the replies the run actually got; replies the
-server rejected are not in the log and count neither way. Use it to choose
-settings, then rerun the benchmark.
+server rejected are not in the log and count neither way; straggler flags are not
+replayed (they only take a place under the guard's cap in deadline runs). Use it to
+choose settings, then rerun the benchmark.
 
 The run's own settings are its ``config.json``'s ``defense.*``. Runs made before
 ``defense.norm_examples_exponent`` existed compared raw norms: replay them with
@@ -31,10 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from agent_strategy import ClientState, DetectionParams, ReplyFeatures, detect
+from agent_strategy.guard import cap_flags
 from agent_strategy.reputation import ReputationParams, next_state
 from fl_client.attacks import malicious_partitions
 from fl_server.attack_report import detection_scores
 from fl_server.policy_setup import detection_params
+from fl_server.server_app import limits_for
 from orchestration.config import RunConfig
 
 
@@ -80,6 +84,7 @@ def replay_run(
         exclude_after=cfg.defense.exclude_after,
         probation_rounds=cfg.defense.probation_rounds,
     )
+    limits = limits_for(cfg)
     states: dict[str, ClientState] = {}
     history: list[dict[str, Any]] = []
     for line in (run_dir / "decisions.jsonl").read_text().splitlines():
@@ -88,8 +93,9 @@ def replay_run(
             continue
         rnd = int(entry["round"])
         replies = [ReplyFeatures(**r) for r in entry["replies"]]
-        record = {c for c, s in states.items() if s.reputation < 1.0}
-        flags = detect(replies, params, record)
+        record = {c for c, s in states.items() if s.reputation < params.record_below}
+        # the guard keeps at most its cap of flagged clients, most suspicious first
+        flags = cap_flags(detect(replies, params, record), len(replies), limits)
         flagged = {f.id for f in flags if f.kind == "malicious"}
         faulty = {f.id for f in flags if f.kind == "faulty"} - flagged
         for r in replies:

@@ -90,6 +90,7 @@ def detection_params(cfg: RunConfig) -> DetectionParams | None:
         z_threshold=d.z_threshold,
         min_cosine=d.min_cosine,
         norm_examples_exponent=d.norm_examples_exponent,
+        record_below=d.record_below,
     )
 
 

@@ -92,18 +92,10 @@ def environment() -> dict[str, str]:
     return info
 
 
-def build_strategy(
-    cfg: RunConfig, run_dir: Path, setup: PolicySetup | None = None
-) -> Strategy:
-    """Return the agent strategy or the Flower baseline named by the config.
-
-    ``setup`` is the agent's policy (see :func:`open_policy`); without one the agent
-    uses the deterministic policy.
-    """
-    if cfg.strategy.name != "agent":
-        return build_baseline(cfg)
+def limits_for(cfg: RunConfig) -> Limits:
+    """Return the hard limits the guard enforces on the agent's policy for ``cfg``."""
     p = cfg.policy
-    limits = Limits(
+    return Limits(
         min_clients=max(
             cfg.min_replies, math.ceil(p.min_selection_share * cfg.clients_per_round)
         ),
@@ -120,6 +112,20 @@ def build_strategy(
         rules=cfg.defense.allowed_rules(),
         codecs=cfg.compression.allowed_codecs(),
     )
+
+
+def build_strategy(
+    cfg: RunConfig, run_dir: Path, setup: PolicySetup | None = None
+) -> Strategy:
+    """Return the agent strategy or the Flower baseline named by the config.
+
+    ``setup`` is the agent's policy (see :func:`open_policy`); without one the agent
+    uses the deterministic policy.
+    """
+    if cfg.strategy.name != "agent":
+        return build_baseline(cfg)
+    p = cfg.policy
+    limits = limits_for(cfg)
     if setup is None:
         det = DeterministicPolicy(
             seed=cfg.seed,

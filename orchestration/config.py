@@ -299,6 +299,13 @@ class DefenseConfig(_Section):
         description="update norms are compared per (registered examples)^this: a "
         "client with more data takes more local steps; 0 = raw norms",
     )
+    record_below: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="a client whose reputation is under this has a record: a norm 2x "
+        "the reference is enough to flag it (after one flag, 4 good rounds clear it)",
+    )
     loss_check_examples: int = Field(
         256,
         ge=0,

@@ -191,6 +191,33 @@ def test_the_policy_passes_the_clients_with_a_record() -> None:
     assert [f.id for f in flags] == ["c9"]
 
 
+@pytest.mark.parametrize(
+    ("reputation", "flagged"),
+    [(0.5, True), (0.79, True), (0.85, False), (1.0, False)],
+)
+def test_a_record_expires_when_reputation_recovers_past_record_below(
+    reputation: float, flagged: bool
+) -> None:
+    # One flag halves the reputation; four good rounds bring 0.5 back to 0.84,
+    # over the default record_below 0.8: the record is gone.
+    recovered = ClientState(id="c9", reputation=0.5)
+    for _ in range(4):
+        recovered = next_state(
+            recovered, round_=1, bad=False, params=ReputationParams()
+        )
+    assert 0.8 < recovered.reputation < 0.85
+    clients = tuple(
+        ClientState(id=f"c{i}", reputation=reputation if i == 9 else 1.0)
+        for i in range(10)
+    )
+    obs = plain_aggregate_obs([*_honest(7), _reply("c9", norm=2.5)])
+    obs = obs.model_copy(update={"clients": clients})
+
+    flags = DeterministicPolicy(detection=DetectionParams()).decide(obs).flags
+
+    assert [f.id for f in flags] == (["c9"] if flagged else [])
+
+
 def test_norms_are_scaled_per_square_root_of_registered_examples() -> None:
     reps = [
         _reply("c0", 1.0, registered_examples=100),

@@ -14,6 +14,7 @@ from agent_strategy import (
     cap_weights,
     guard,
 )
+from agent_strategy.guard import cap_flags
 
 
 def _alloc(epochs: int = 1, lr: float = 0.05, deadline: float = 10.0) -> Allocation:
@@ -242,3 +243,26 @@ def test_flag_share_caps_how_many_replies_can_be_dropped() -> None:
 
     assert len(g.decision.flags) == 3
     assert len(g.decision.weights) == 3
+
+
+def test_cap_flags_keeps_the_first_clients_and_their_later_flags() -> None:
+    flags = [
+        Flag(id="c1", kind="malicious", reason="worst"),
+        Flag(id="c2", kind="faulty", reason="second"),
+        Flag(id="c1", kind="straggler", reason="c1 again"),
+        Flag(id="c3", kind="malicious", reason="third"),
+    ]
+
+    # 10 replies: min(10 - 2, int(0.2 * 10)) = 2 clients may stay flagged
+    kept = cap_flags(flags, 10, limits(max_flag_share=0.2))
+    assert [(f.id, f.reason) for f in kept] == [
+        ("c1", "worst"),
+        ("c2", "second"),
+        ("c1", "c1 again"),
+    ]
+    # 3 replies, min_clients 2: one client
+    assert [f.id for f in cap_flags(flags, 3, limits(max_flag_share=1.0))] == [
+        "c1",
+        "c1",
+    ]
+    assert cap_flags(flags, 2, limits()) == []
