@@ -83,7 +83,8 @@ def test_each_detector_flags_its_outlier_with_a_reason(
 @pytest.mark.parametrize(
     "honest",
     [
-        dict(norm=3.5, cos=0.1),  # a large norm alone (99% of honest are < 3x)
+        dict(norm=3.5, cos=0.4),  # a large aligned norm (99% of honest are < 3x)
+        dict(norm=2.8, cos=0.0),  # orthogonal, large, under the unaligned test's 3x
         dict(norm=1.2, cos=-0.1),  # slightly reversed, ordinary norm (non-IID)
         dict(norm=1.6, cos=-0.02),  # larger, but hardly reversed
         dict(norm=0.6, cos=-0.45),  # strongly reversed but small
@@ -252,6 +253,21 @@ def test_an_honest_client_with_much_more_data_is_not_flagged_for_its_norm() -> N
     assert flag.id == "c11" and "update norm 20 (10 per its examples)" in flag.reason
 
 
+def test_a_large_update_barely_aligned_with_the_median_is_flagged() -> None:
+    honest = _honest()  # norms 0.85-1.2, cosines 0.5-0.7
+    aligned = _reply("c8", norm=3.5, cos=0.4)  # large but aligned: a big honest one
+    flipped = _reply("c9", norm=3.5, cos=0.05)  # -4x an update orthogonal to it
+
+    flags = detect([*honest, aligned, flipped])
+
+    assert [f.id for f in flags] == ["c9"]
+    assert "cosine to the coordinate median only 0.05" in flags[0].reason
+    off = DetectionParams(unaligned_norm_ratio=100.0)
+    assert detect([*honest, aligned, flipped], off) == ()
+    # under 3x the reference it is not enough
+    assert detect([*honest, aligned, _reply("c9", norm=2.5, cos=0.05)]) == ()
+
+
 def test_invalid_parameters_are_refused() -> None:
     with pytest.raises(ValueError, match="low_norm_ratio"):
         DetectionParams(low_norm_ratio=1.5)
@@ -263,6 +279,12 @@ def test_invalid_parameters_are_refused() -> None:
         DetectionParams(z_threshold=0.0)
     with pytest.raises(ValueError, match="norm_examples_exponent"):
         DetectionParams(norm_examples_exponent=1.5)
+    with pytest.raises(ValueError, match="unaligned_norm_ratio"):
+        DetectionParams(unaligned_norm_ratio=0.5)
+    with pytest.raises(ValueError, match="unaligned_max_cosine"):
+        DetectionParams(unaligned_max_cosine=2.0)
+    with pytest.raises(ValueError, match="record_below"):
+        DetectionParams(record_below=0.0)
 
 
 def test_duplicate_counts_and_krum_ratios_on_known_rows() -> None:
