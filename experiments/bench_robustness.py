@@ -191,7 +191,8 @@ def _rel(path: Path) -> Path:
 def _fmt(x: float | None, pct: bool = True) -> str:
     if x is None:
         return "-"
-    return f"{100 * x:.1f}" if pct else f"{x:.2f}"
+    # three decimals for precision / recall: at two, 0.898 would read as the 0.90 target
+    return f"{100 * x:.1f}" if pct else f"{x:.3f}"
 
 
 def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:

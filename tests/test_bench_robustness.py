@@ -141,7 +141,7 @@ def test_report_scores_cells_failed_runs_and_clean_flags(tmp_path: Path) -> None
     assert "(at least 70% of the server's validation examples in one class)" in text
     assert "`noise-f20-fedmedian-s0` raised after round 2 (ValidationError" in text
     assert (
-        "| noise | 20% | 89.0 | 10.0 | 85.0 | 88.0 | 30.0 | 1.0 | -1.0 | 0.90 | 0.75 "
+        "| noise | 20% | 89.0 | 10.0 | 85.0 | 88.0 | 30.0 | 1.0 | -1.0 | 0.900 | 0.750 "
         "| 4 | 2 | 1 |" in text
     )
     assert (
