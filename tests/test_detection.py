@@ -268,23 +268,22 @@ def test_a_large_update_barely_aligned_with_the_median_is_flagged() -> None:
     assert detect([*honest, aligned, _reply("c9", norm=2.5, cos=0.05)]) == ()
 
 
-def test_invalid_parameters_are_refused() -> None:
-    with pytest.raises(ValueError, match="low_norm_ratio"):
-        DetectionParams(low_norm_ratio=1.5)
-    with pytest.raises(ValueError, match="big_norm_ratio"):
-        DetectionParams(big_norm_ratio=0.5)
-    with pytest.raises(ValueError, match="majority_norm_ratio"):
-        DetectionParams(majority_norm_ratio=0.9)
-    with pytest.raises(ValueError, match="z_threshold"):
-        DetectionParams(z_threshold=0.0)
-    with pytest.raises(ValueError, match="norm_examples_exponent"):
-        DetectionParams(norm_examples_exponent=1.5)
-    with pytest.raises(ValueError, match="unaligned_norm_ratio"):
-        DetectionParams(unaligned_norm_ratio=0.5)
-    with pytest.raises(ValueError, match="unaligned_max_cosine"):
-        DetectionParams(unaligned_max_cosine=2.0)
-    with pytest.raises(ValueError, match="record_below"):
-        DetectionParams(record_below=0.0)
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("low_norm_ratio", 1.5),
+        ("big_norm_ratio", 0.5),
+        ("majority_norm_ratio", 0.9),
+        ("z_threshold", 0.0),
+        ("norm_examples_exponent", 1.5),
+        ("unaligned_norm_ratio", 0.5),
+        ("unaligned_max_cosine", 2.0),
+        ("record_below", 0.0),
+    ],
+)
+def test_invalid_parameters_are_refused(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        DetectionParams(**{field: value})  # type: ignore[arg-type]
 
 
 def test_duplicate_counts_and_krum_ratios_on_known_rows() -> None:
