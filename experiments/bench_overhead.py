@@ -291,6 +291,7 @@ def instrumented() -> Iterator[None]:
 
     import agent_strategy.deterministic as det_mod
     import fl_server.features as feat_mod
+    import fl_server.loss_check as loss_mod
     import fl_server.strategy as strat_mod
     import fl_server.validation as val_mod
     from fl_server.metering import MeteredGrid
@@ -352,6 +353,14 @@ def instrumented() -> Iterator[None]:
         ("_ordered_clients", "sort clients"),
     ):
         patch(agent, name, _timed_part(label, agent.__dict__[name]))
+    patch(
+        loss_mod.LossChecker,
+        "check",
+        _timed_part(
+            "server loss check (each candidate model on the validation set)",
+            loss_mod.LossChecker.__dict__["check"],
+        ),
+    )
     patch(
         det_mod.DeterministicPolicy,
         "decide",
@@ -698,7 +707,9 @@ def render(summary: dict[str, Any], seeds: list[int], rounds: int) -> str:
         lines += [
             "",
             f"With `defense.enabled=true` (the update geometry — coordinate median, "
-            f"Krum, duplicates — measured, detectors and reputation on; no attack): "
+            f"Krum, duplicates — measured, the server loss check of every candidate "
+            f"model (`defense.loss_check_examples`; 0 turns it off), detectors and "
+            f"reputation on; no attack): "
             f"**{d_ratio:.3f}** as measured, **{pooled['agent-defense']:.3f}** with "
             f"the central evaluation pooled; strategy code {1e3 * d_extra:.1f} ms "
             "more per round than FedAvg's. The 1.05 target is for the default run; "
