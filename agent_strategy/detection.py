@@ -116,12 +116,12 @@ the server-checked loss catches it.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from .types import Flag, FlagKind, ReplyFeatures
+from .types import ClientState, Flag, FlagKind, ReplyFeatures
 
 _MAD_TO_SD = 0.6745  # the MAD of a normal distribution is 0.6745 standard deviations
 
@@ -234,6 +234,17 @@ def scaled_norms(replies: Sequence[ReplyFeatures], exponent: float) -> np.ndarra
         dtype=np.float64,
     )
     return norms * (float(np.median(ex)) / ex) ** exponent
+
+
+def clients_with_record(
+    states: Iterable[ClientState], params: DetectionParams
+) -> set[str]:
+    """Return the ids of the clients with a record: reputation under ``record_below``.
+
+    This is the ``record`` :func:`detect` takes; reputation recovers after good
+    rounds (:mod:`agent_strategy.reputation`), so a record expires.
+    """
+    return {s.id for s in states if s.reputation < params.record_below}
 
 
 def core_mask(replies: Sequence[ReplyFeatures]) -> np.ndarray:
@@ -380,9 +391,10 @@ def detect(
         repeat = r.id in record and ratio >= params.repeat_norm_ratio
         cos = r.cosine_to_median
         assert cos is not None  # checked above
+        far_above = z > thr or not use_z
         unaligned = (
             ratio >= params.unaligned_norm_ratio
-            and (z > thr or not use_z)
+            and far_above
             and cos < params.unaligned_max_cosine
             and not far_majority
         )
@@ -390,7 +402,7 @@ def detect(
             repeat
             or unaligned
             or (big is not None and ratio >= big)
-            or (ratio >= params.big_norm_ratio and (z > thr or not use_z))
+            or (ratio >= params.big_norm_ratio and far_above)
         ):
             reasons.append(
                 f"{shown} is {ratio:.3g}x {where}"

@@ -46,7 +46,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .detection import DetectionParams, detect
+from .detection import DetectionParams, clients_with_record, detect
 from .guard import allowed_codecs
 from .reputation import is_excluded
 from .types import (
@@ -533,9 +533,7 @@ class DeterministicPolicy:
         rule = "weighted"
         reputation = {c.id: 1.0 for c in obs.clients}
         if self.detection is not None:
-            record = {
-                c.id for c in obs.clients if c.reputation < self.detection.record_below
-            }
+            record = clients_with_record(obs.clients, self.detection)
             suspects = detect(obs.replies, self.detection, record)
             flags += suspects
             reputation = {c.id: c.reputation for c in obs.clients}

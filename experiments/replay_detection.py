@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_strategy import ClientState, DetectionParams, ReplyFeatures, detect
+from agent_strategy.detection import clients_with_record
 from agent_strategy.guard import cap_flags
 from agent_strategy.reputation import ReputationParams, next_state
 from fl_client.attacks import malicious_partitions
@@ -93,7 +94,7 @@ def replay_run(
             continue
         rnd = int(entry["round"])
         replies = [ReplyFeatures(**r) for r in entry["replies"]]
-        record = {c for c, s in states.items() if s.reputation < params.record_below}
+        record = clients_with_record(states.values(), params)
         # the guard keeps at most its cap of flagged clients, most suspicious first
         flags = cap_flags(detect(replies, params, record), len(replies), limits)
         flagged = {f.id for f in flags if f.kind == "malicious"}
