@@ -220,12 +220,18 @@ def _checked(obs: Observation) -> bool:
     return any(r.checked_loss is not None for r in obs.replies)
 
 
-def _reply_rows(obs: Observation, with_history: bool) -> list[list[Any]]:
+def _reply_columns(obs: Observation) -> tuple[str, ...]:
+    """Return the reply features shown: the checked ones only if the server checked."""
+    return REPLY_COLUMNS + (CHECKED_COLUMNS if _checked(obs) else ())
+
+
+def _reply_rows(
+    obs: Observation, columns: Sequence[str], with_history: bool
+) -> list[list[Any]]:
     state = {c.id: c for c in obs.clients}
-    cols = REPLY_COLUMNS[1:] + (CHECKED_COLUMNS if _checked(obs) else ())
     rows = []
     for r in obs.replies:
-        row: list[Any] = [r.id] + [num(getattr(r, k)) for k in cols]
+        row: list[Any] = [r.id] + [num(getattr(r, k)) for k in columns[1:]]
         if with_history:
             c = state.get(r.id)
             row += [num(getattr(c, k)) if c else None for k in REPLY_HISTORY_COLUMNS]
@@ -293,12 +299,11 @@ def _user_text(
         body["clients_total"] = len(rows)
         body["clients"] = _table(CLIENT_COLUMNS, [rows[i] for i in idx])
     else:
-        cols = (
-            REPLY_COLUMNS
-            + (CHECKED_COLUMNS if _checked(obs) else ())
-            + (REPLY_HISTORY_COLUMNS if reply_history else ())
+        cols = _reply_columns(obs)
+        history_cols = REPLY_HISTORY_COLUMNS if reply_history else ()
+        body["replies"] = _table(
+            cols + history_cols, _reply_rows(obs, cols, reply_history)
         )
-        body["replies"] = _table(cols, _reply_rows(obs, reply_history))
     if history:
         names = [f.name for f in fields(RoundSummary)]
         body["history"] = _table(
