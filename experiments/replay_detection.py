@@ -35,10 +35,10 @@ from typing import Any
 from agent_strategy import ClientState, DetectionParams, ReplyFeatures, detect
 from agent_strategy.detection import clients_with_record
 from agent_strategy.guard import cap_flags
-from agent_strategy.reputation import ReputationParams, next_state
+from agent_strategy.reputation import next_state
 from fl_client.attacks import malicious_partitions
 from fl_server.attack_report import detection_scores
-from fl_server.policy_setup import detection_params
+from fl_server.policy_setup import detection_params, reputation_params
 from fl_server.server_app import limits_for
 from orchestration.config import RunConfig
 
@@ -81,10 +81,7 @@ def replay_run(
         if cfg.attack.kind != "none"
         else []
     )
-    rep = ReputationParams(
-        exclude_after=cfg.defense.exclude_after,
-        probation_rounds=cfg.defense.probation_rounds,
-    )
+    rep = reputation_params(cfg)
     limits = limits_for(cfg)
     states: dict[str, ClientState] = {}
     history: list[dict[str, Any]] = []

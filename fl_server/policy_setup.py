@@ -23,6 +23,7 @@ from agent_strategy import (
     DeterministicPolicy,
     Observation,
     Policy,
+    ReputationParams,
 )
 from orchestration.config import RunConfig
 
@@ -94,16 +95,29 @@ def detection_params(cfg: RunConfig) -> DetectionParams | None:
     )
 
 
-@contextmanager
-def open_policy(cfg: RunConfig) -> Iterator[PolicySetup]:
-    """Yield the configured policy; stop whatever it started on exit."""
-    det = DeterministicPolicy(
+def reputation_params(cfg: RunConfig) -> ReputationParams:
+    """Return the reputation's constants (``defense.*``; used with defense on)."""
+    d = cfg.defense
+    return ReputationParams(
+        exclude_after=d.exclude_after, probation_rounds=d.probation_rounds
+    )
+
+
+def deterministic_policy(cfg: RunConfig) -> DeterministicPolicy:
+    """Return the run's deterministic policy (the fallback of every other one)."""
+    return DeterministicPolicy(
         seed=cfg.seed,
         exploration=cfg.policy.exploration,
         duration_quantile=cfg.policy.duration_quantile,
         detection=detection_params(cfg),
         topk_fraction=cfg.compression.topk_fraction,
     )
+
+
+@contextmanager
+def open_policy(cfg: RunConfig) -> Iterator[PolicySetup]:
+    """Yield the configured policy; stop whatever it started on exit."""
+    det = deterministic_policy(cfg)
     if cfg.policy.name == "deterministic":
         yield PolicySetup(det, det)
         return

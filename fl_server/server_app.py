@@ -26,7 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from agent_strategy import DeterministicPolicy, Limits, ReputationParams
+from agent_strategy import DeterministicPolicy, Limits
 from fl_client.attacks import malicious_partitions
 from fl_client.task import build_model, split_for
 from orchestration.config import RunConfig
@@ -38,7 +38,12 @@ from .client_features import ClientFeatures
 from .device_grid import DeviceSimulator
 from .loss_check import LossChecker
 from .metering import MeteredGrid
-from .policy_setup import PolicySetup, detection_params, open_policy
+from .policy_setup import (
+    PolicySetup,
+    deterministic_policy,
+    open_policy,
+    reputation_params,
+)
 from .privacy import with_client_dp
 from .results import RoundRecorder, StopRun
 from .resume import RoundOffset, offset_evaluate
@@ -124,23 +129,14 @@ def build_strategy(
     """
     if cfg.strategy.name != "agent":
         return build_baseline(cfg)
-    p = cfg.policy
-    limits = limits_for(cfg)
     if setup is None:
-        det = DeterministicPolicy(
-            seed=cfg.seed,
-            exploration=p.exploration,
-            duration_quantile=p.duration_quantile,
-            detection=detection_params(cfg),
-            topk_fraction=cfg.compression.topk_fraction,
-        )
+        det = deterministic_policy(cfg)
         setup = PolicySetup(det, det)
-    d = cfg.defense
     return AgentStrategy(
         setup.policy,
         clients_per_round=cfg.clients_per_round,
         min_replies=cfg.min_replies,
-        limits=limits,
+        limits=limits_for(cfg),
         local_epochs=cfg.train.local_epochs,
         lr=cfg.train.lr,
         fallback=setup.fallback,
@@ -148,11 +144,7 @@ def build_strategy(
         telemetry=setup.telemetry,
         roll_call_timeout_s=cfg.round_timeout_s,
         features=ClientFeatures.from_config(cfg),
-        reputation=ReputationParams(
-            exclude_after=d.exclude_after, probation_rounds=d.probation_rounds
-        )
-        if d.enabled
-        else None,
+        reputation=reputation_params(cfg) if cfg.defense.enabled else None,
         trim_beta=cfg.strategy.trim_beta,
         krum_byzantine=cfg.strategy.krum_byzantine,
         update_geometry=uses_update_geometry(setup.policy),
