@@ -179,6 +179,20 @@ def test_a_client_with_a_record_is_flagged_for_a_smaller_outsized_update() -> No
     assert detect([*_honest(7), _reply("c9", norm=1.5)], record={"c9"}) == ()
 
 
+def test_a_repeat_must_also_be_far_above_the_round() -> None:
+    # a round whose norms spread widely: 2.5x the median is ordinary here
+    norms = [0.3, 0.5, 0.7, 1.0, 1.0, 1.4, 2.0, 3.0]
+    wide = [_reply(f"c{i}", n, 0.5, krum_ratio=1.0) for i, n in enumerate(norms)]
+    replies = [*wide, _reply("c9", norm=2.5, cos=0.3, krum_ratio=1.0)]
+    ref, spread, use_z, _ = reference(replies)
+    assert use_z and np.log(2.5 / ref) / spread < DetectionParams().z_threshold
+
+    assert detect(replies, record={"c9"}) == ()
+    # the same client and norm in a tight round is a repeat
+    (flag,) = detect([*_honest(7), _reply("c9", norm=2.5, cos=0.3)], record={"c9"})
+    assert flag.id == "c9" and "from a client flagged before" in flag.reason
+
+
 def test_the_policy_passes_the_clients_with_a_record() -> None:
     clients = tuple(
         ClientState(id=f"c{i}", num_examples=100, reputation=0.5 if i == 9 else 1.0)
