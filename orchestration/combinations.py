@@ -25,6 +25,7 @@ def check_combinations(cfg: RunConfig) -> None:
     _resume_needs_server_side_state(cfg)
     _client_features_need_the_agent(cfg)
     _secagg_sums_dense_full_updates(cfg)
+    _secagg_hides_updates_from_the_defense(cfg)
     _client_dp_clips_dense_updates(cfg)
     _fedrep_head_phase_is_not_private(cfg)
 
@@ -177,6 +178,18 @@ def _secagg_sums_dense_full_updates(cfg: RunConfig) -> None:
             f"{p.mode!r}, evaluate_clients={p.evaluate_clients}): the SecAgg+ "
             "adapter sums every array of the model and runs no federated "
             "evaluation. Use personalization.mode='none'"
+        )
+
+
+def _secagg_hides_updates_from_the_defense(cfg: RunConfig) -> None:
+    if cfg.secagg.enabled and cfg.defense.enabled:
+        raise ValueError(
+            "secagg.enabled=true does not compose with defense.enabled=true: the "
+            "detectors measure each client's update (norm, cosine to the median, "
+            "Krum distances, the server-checked loss of global + update), and under "
+            "SecAgg+ the server only ever holds the masked sum. Use "
+            "defense.enabled=false (straggler and malformed-metric flags still "
+            "apply) or secagg.enabled=false"
         )
 
 

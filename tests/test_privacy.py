@@ -151,6 +151,10 @@ def test_effective_noise_multiplier_for_weighted_means() -> None:
             {"dp.mode": "client", "strategy.name": "multikrum"},
             "dp.mode='client' does not compose.*sensitivity of a mean",
         ),
+        (
+            {"secagg.enabled": True, "defense.enabled": True},
+            "does not compose with defense.enabled=true.*masked sum",
+        ),
         ({"dp.mode": "sample", "dp.noise_multiplier": 0.0}, "noise_multiplier > 0"),
         ({"dp.mode": "gaussian"}, "dp.mode"),
     ],
