@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .codecs import allowed_codecs, bandwidth_codecs
 from .reputation import is_excluded
 from .types import Allocation, Compression, Decision, Flag, Limits, Observation
 
@@ -92,7 +93,11 @@ def guard(decision: Decision, obs: Observation) -> Guarded:
     ``limits.max_staleness`` rounds are added, up to half the slots, replacing the
     policy's last picks if needed (no client starves); each selected
     client has an allocation within the epoch, learning-rate and deadline limits,
-    and an upload codec among :func:`allowed_codecs` (else the run's default).
+    and an upload codec among :func:`~agent_strategy.codecs.allowed_codecs` (else the
+    run's default); a client the policy gave no allocation (one the guard added) gets
+    the default epochs, learning rate and deadline, and the codec of
+    :func:`~agent_strategy.codecs.bandwidth_codecs` (the default when only that is
+    allowed or its bandwidth was never measured).
     Aggregate phase: flags name replying clients only, leave at least
     ``limits.min_clients`` replies accepted and flag at most ``max_flag_share`` of
     them; weights cover exactly the unflagged
@@ -180,14 +185,25 @@ def _guard_train(decision: Decision, obs: Observation) -> Guarded:
         selected += extra
 
     allocations: dict[str, Allocation] = {}
+    by_bandwidth: dict[str, Compression] | None = None
     for cid in selected:
         alloc = decision.allocations.get(cid)
         if alloc is None:
-            changes.append(f"default allocation for {cid}")
+            if by_bandwidth is None:
+                by_bandwidth = bandwidth_codecs(obs, obs.topk_fraction)
+            codec = by_bandwidth.get(cid, obs.default_compression)
+            changes.append(
+                f"default allocation for {cid}"
+                + (
+                    f" (codec {codec!r} by its bandwidth)"
+                    if codec != obs.default_compression
+                    else ""
+                )
+            )
             alloc = Allocation(
                 local_epochs=obs.default_epochs,
                 lr=obs.default_lr,
-                compression=obs.default_compression,
+                compression=codec,
                 deadline_s=lim.deadline_s,
             )
         fixed = _clamp_allocation(alloc, obs)
@@ -212,16 +228,6 @@ def _guard_train(decision: Decision, obs: Observation) -> Guarded:
 
 def _until(obs: Observation, cid: str) -> int:
     return next(c.excluded_until for c in obs.clients if c.id == cid)
-
-
-def allowed_codecs(obs: Observation) -> tuple[Compression, ...]:
-    """Return the upload codecs a policy may allocate: the default, then the others.
-
-    The run's default codec (``obs.default_compression``) is always allowed;
-    ``limits.codecs`` adds the others (``compression.adaptive``).
-    """
-    extra = tuple(c for c in obs.limits.codecs if c != obs.default_compression)
-    return (obs.default_compression, *dict.fromkeys(extra))
 
 
 def _clamp_allocation(alloc: Allocation, obs: Observation) -> Allocation:

@@ -168,6 +168,12 @@ class Observation(_Frozen):
     default_compression: Compression = Field(
         "none", description="upload codec of the run's default allocation"
     )
+    topk_fraction: float = Field(
+        0.01,
+        gt=0,
+        le=1,
+        description="share of entries the top-k codecs keep (their upload size)",
+    )
     limits: Limits
     clients: tuple[ClientState, ...]
     replies: tuple[ReplyFeatures, ...] = ()

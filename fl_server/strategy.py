@@ -294,6 +294,7 @@ class AgentStrategy(Strategy):
             default_epochs=self.local_epochs,
             default_lr=self.lr,
             default_compression=self.features.codec,
+            topk_fraction=self.features.topk_fraction,
             limits=limits,
             clients=tuple(eligible),
             last_accuracy=self._last_accuracy,

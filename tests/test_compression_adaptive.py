@@ -18,12 +18,8 @@ from agent_strategy import (
     Observation,
     guard,
 )
-from agent_strategy.deterministic import (
-    bandwidth_codecs,
-    cannot_meet_deadline,
-    upload_ratio,
-    with_codec_times,
-)
+from agent_strategy.codecs import bandwidth_codecs, upload_ratio
+from agent_strategy.deterministic import cannot_meet_deadline, with_codec_times
 from agent_strategy.llm.prompt import render_prompt
 from fl_client.client_app import make_client_app
 from fl_server.server_app import run_server
@@ -169,6 +165,47 @@ def test_off_by_default_every_client_gets_the_run_codec(measured: bool) -> None:
     assert {a.compression for a in decision.allocations.values()} == {"none"}
     assert "codecs" not in decision.rationale
     assert bandwidth_codecs(obs) == {}
+
+
+@pytest.mark.parametrize("topk_fraction", [0.01, 0.1])
+def test_a_client_the_guard_adds_gets_the_codec_of_its_bandwidth(
+    topk_fraction: float,
+) -> None:
+    # c4 (a 20x slower link) is overdue: the guard adds it to a selection of c0 and
+    # gives it the default allocation, with the bandwidth rule's codec.
+    clients = tuple(
+        ClientState(
+            id=f"c{i}",
+            num_examples=100,
+            comm_s=2.0 if i < 4 else 40.0,
+            last_selected_round=7 if i < 4 else 1,
+        )
+        for i in range(5)
+    )
+    obs = plain_train_obs(
+        clients=clients,
+        target=2,
+        round_=8,
+        topk_fraction=topk_fraction,
+        limits=limits(
+            min_clients=1, max_clients=2, codecs=("q8", "q4", "topk"), max_staleness=5
+        ),
+    )
+    alloc = Allocation(local_epochs=1, lr=0.05, compression="none", deadline_s=60.0)
+    policy_pick = Decision(selected=("c0",), allocations={"c0": alloc})
+
+    guarded = guard(policy_pick, obs)
+
+    assert guarded.decision.selected == ("c0", "c4")
+    want = bandwidth_codecs(obs, topk_fraction)["c4"]
+    # 20x slower: top-k at 1% (2% of the bytes) fits; at 10% nothing does, and q4
+    # (1/8) is then the strongest
+    assert want == ("topk" if topk_fraction == 0.01 else "q4")
+    assert guarded.decision.allocations["c4"].compression == want
+    assert f"default allocation for c4 (codec {want!r} by its bandwidth)" in (
+        guarded.changes
+    )
+    assert guarded.decision.allocations["c0"].compression == "none"
 
 
 def test_guard_replaces_a_codec_outside_the_allowed_set() -> None:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..guard import allowed_codecs
+from ..codecs import allowed_codecs
 from ..types import (
     AggregationRule,
     Allocation,
@@ -66,7 +66,7 @@ class AllocationAnswer(_Answer):
 
     ``compression`` is one of the codec names (case and surrounding blanks ignored);
     ``None`` (absent or ``null``) leaves the codec to the fallback policy. Whether the
-    codec is *allowed* (:func:`~agent_strategy.guard.allowed_codecs`) is the guard's
+    codec is *allowed* (:func:`~agent_strategy.codecs.allowed_codecs`) is the guard's
     check, not the parser's.
     """
 
@@ -170,7 +170,7 @@ def answer_schema(obs: Observation, ids: list[str] | None = None) -> dict[str, A
     The aggregate answer has an ``aggregation`` property (one of ``limits.rules``, or
     ``null``) only when the limits allow more than one rule; likewise each train
     allocation has a ``compression`` property (one of
-    :func:`~agent_strategy.guard.allowed_codecs`, or ``null``) only when more than
+    :func:`~agent_strategy.codecs.allowed_codecs`, or ``null``) only when more than
     one codec is allowed (``compression.adaptive``).
 
     Parameters

@@ -29,8 +29,8 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
-from ..deterministic import bandwidth_codecs
-from ..guard import GuardError, allowed_codecs, guard
+from ..codecs import allowed_codecs, bandwidth_codecs
+from ..guard import GuardError, guard
 from ..policy import Policy
 from ..types import AggregationRule, Compression, Decision, Observation
 from .answer import (

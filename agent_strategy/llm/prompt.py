@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from ..codecs import allowed_codecs
 from ..deterministic import utilities
-from ..guard import allowed_codecs
 from ..types import AggregationRule, Compression, Decision, Observation
 from .answer import answer_schema
 

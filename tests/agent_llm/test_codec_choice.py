@@ -16,7 +16,7 @@ import pytest
 from support.openai_stub import OpenAIStub, Reply
 
 from agent_strategy import Allocation, Decision, Observation
-from agent_strategy.deterministic import bandwidth_codecs
+from agent_strategy.codecs import bandwidth_codecs
 from agent_strategy.llm.answer import (
     InvalidAnswer,
     TrainAnswer,
