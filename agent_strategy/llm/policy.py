@@ -389,8 +389,8 @@ class LLMPolicy:
         Asked only when codecs may vary and the LLM's train answer leaves some
         selected client's codec open. A client the fallback policy selected gets the
         codec of its allocation; any other client the codec the deterministic
-        bandwidth rule gives it (:func:`~agent_strategy.deterministic.
-        bandwidth_codecs`, which does not depend on the selection), else the run's
+        bandwidth rule gives it (:func:`~agent_strategy.codecs.bandwidth_codecs`,
+        which does not depend on the selection), else the run's
         default. A fallback that raises leaves the bandwidth rule alone (logged).
         """
         try:
@@ -402,7 +402,7 @@ class LLMPolicy:
                 obs.round,
             )
             allocations = {}
-        rule = bandwidth_codecs(obs, getattr(self.fallback, "topk_fraction", 0.01))
+        rule = bandwidth_codecs(obs, obs.topk_fraction)
         return {
             c.id: allocations[c.id].compression
             if c.id in allocations
