@@ -304,7 +304,8 @@ class DefenseConfig(_Section):
         gt=0,
         le=1,
         description="a client whose reputation is under this has a record: a norm 2x "
-        "the reference is enough to flag it (after one flag, 4 good rounds clear it)",
+        "the reference (and z_threshold robust SDs above it) is enough to flag it "
+        "(after one flag, 4 good rounds clear it)",
     )
     loss_check_examples: int = Field(
         256,
