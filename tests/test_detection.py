@@ -158,6 +158,26 @@ def test_attackers_that_are_a_majority_of_the_round_are_still_caught() -> None:
     assert all("little or no work" not in f.reason for f in detect(replies))
 
 
+def test_far_away_replies_that_are_exactly_half_the_round_are_a_majority() -> None:
+    """5 of 10 far away: the round's median is the midpoint of the two halves."""
+    norms = [0.75, 0.8, 0.85, 0.85, 1.05, 1.8, 2.0, 2.8, 3.1, 3.6]
+    replies = [
+        _reply(f"c{i}", n, 0.5, distance_rank=i + 1, krum_ratio=1.0)
+        for i, n in enumerate(norms)
+    ]
+    # the plain median, (1.05 + 1.8) / 2, is under 2x the core's 0.85 ...
+    assert np.median(norms) < 2 * 0.85
+    ref, _, _, far = reference(replies)
+    # ... the upper median (1.8) is over it: half the round is far away
+    assert far and ref == pytest.approx(0.85)
+
+    # the reference is the core's, so 3x it (majority_norm_ratio) is enough
+    assert sorted(f.id for f in detect(replies)) == ["c7", "c8", "c9"]
+    # nine replies: the upper median is the median, and 4 of 9 far away are not
+    # half the round
+    assert not reference(replies[:-1])[3]
+
+
 def test_reversed_attackers_that_are_a_majority_are_caught_by_their_norm() -> None:
     """6 of 10 send -4x their update: the coordinate median points their way."""
     rng = np.random.default_rng(6)
