@@ -37,12 +37,16 @@ is on the *upper* median (the ``n // 2``-th norm from the smallest, counting fro
 averages the two middle norms and an outlying half could pull it only part way
 past ``core_cap``. On the benchmark that happened in seed 1's sign flip at 40%,
 rounds 1 and 4, five attackers in ten at a round median of 1.6-1.7x the core's;
-replayed on the 55 logged agent runs of seeds 0-4 the upper median turned 12 attacked
-rounds and no attacker-free one into far-majority rounds, caught 3 more sign-flip
-replies and changed no other count. (The core alone is not the reference in every
-round: under non-IID data the central replies are the small clients, whose norms
-are small.) The spread is the core's robust SD of the log scaled norms, at least
-``min_log_spread``.
+replayed on the 55 logged agent runs of seeds 0-4 (1,650 rounds of 10 replies) the
+upper median turned 12 attacked rounds and no attacker-free one into far-majority
+rounds (the one attacker-free far-majority round, at 2.06x, was one under the plain
+median too), caught 3 more sign-flip replies and changed no other count. A core
+needs ``min_replies_for_z`` replies for its median to stand alone for half the
+round: with fewer than ``2 * min_replies_for_z`` replies the test stays on the
+plain median (in a round of 4, two ordinary large norms are half of it). (The core
+alone is not the reference in every round: under non-IID data the central replies
+are the small clients, whose norms are small.) The spread is the core's robust SD
+of the log scaled norms, at least ``min_log_spread``.
 
 Detectors
 ---------
@@ -294,7 +298,8 @@ def reference(
 
     With at least ``params.min_replies_for_z`` replies the reference is the median
     norm of all replies, unless the upper median (``sorted(norms)[n // 2]``: at
-    least half of the norms are that large) is more than ``params.core_cap`` times
+    least half of the norms are that large; the plain median with fewer than
+    ``2 * params.min_replies_for_z`` replies) is more than ``params.core_cap`` times
     the median of the core (:func:`core_mask`): then far-away replies are at least
     half the round and the core's median is the reference. The spread is the
     core's robust SD of the log-norms (``MAD / 0.6745``), at least
@@ -310,7 +315,10 @@ def reference(
     center = float(np.median(logs))
     mad = float(np.median(np.abs(logs - center)))
     med_core = math.exp(center)
-    upper_median = float(np.sort(norms)[len(norms) // 2])
+    n = len(norms)
+    upper_median = (
+        float(np.sort(norms)[n // 2]) if n >= 2 * params.min_replies_for_z else med_all
+    )
     far_majority = upper_median > params.core_cap * med_core
     ref = med_core if far_majority else med_all
     return ref, max(mad / _MAD_TO_SD, params.min_log_spread), True, far_majority
@@ -387,9 +395,9 @@ def detect(
     thr = params.z_threshold
     norms = scaled_norms(replies, params.norm_examples_exponent)
     ref, spread, use_z, far_majority = reference(replies, params, norms)
-    # Far-away replies are at least half the round (one of 1,024 attacker-free
-    # rounds of the benchmark, whose upper median norm was 2.06x the core's; 99%
-    # stayed under 1.74x): the z-score is no longer a test
+    # Far-away replies are at least half the round (one of the benchmark's 1,024
+    # attacker-free rounds, at 2.06x the core's median, the plain median's too; 99%
+    # of them stayed under 1.74x): the z-score is no longer a test
     # against honest replies, and ``majority_norm_ratio`` times the core's median
     # is enough.
     big = params.majority_norm_ratio if far_majority else None

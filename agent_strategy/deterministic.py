@@ -269,9 +269,11 @@ class DeterministicPolicy:
         durations (see :func:`preferred_duration`); 0 uses the deadline.
     detection : DetectionParams, optional
         Turns on adversary detection, reputation weighting and exclusion.
-    topk_fraction : float
-        Top-k's share of entries (``compression.topk_fraction``): ranks the top-k
-        codecs among the others when codecs follow bandwidth (:func:`bandwidth_codecs`).
+
+    Top-k's share of entries, which ranks the top-k codecs among the others when
+    codecs follow bandwidth (:func:`~agent_strategy.codecs.bandwidth_codecs`), is
+    the observation's ``topk_fraction`` (``compression.topk_fraction``), the one the
+    guard and the LLM policy use.
     """
 
     name = "deterministic"
@@ -283,7 +285,6 @@ class DeterministicPolicy:
         cutoff: float = 0.95,
         duration_quantile: float = 0.0,
         detection: DetectionParams | None = None,
-        topk_fraction: float = 0.01,
     ) -> None:
         if not 0.0 <= exploration <= 1.0:
             raise ValueError(f"exploration must be in [0, 1], got {exploration}")
@@ -293,10 +294,7 @@ class DeterministicPolicy:
             raise ValueError(
                 f"duration_quantile must be in [0, 1), got {duration_quantile}"
             )
-        if not 0.0 < topk_fraction <= 1.0:
-            raise ValueError(f"topk_fraction must be in (0, 1], got {topk_fraction}")
         self.seed = seed
-        self.topk_fraction = topk_fraction
         self.exploration = exploration
         self.cutoff = cutoff
         self.duration_quantile = duration_quantile
@@ -307,8 +305,8 @@ class DeterministicPolicy:
         if obs.phase == "train":
             # Codecs first (from the measured links), then the plan on the times
             # those codecs give; the default run allows no codec: no change.
-            codecs = bandwidth_codecs(obs, self.topk_fraction)
-            planned = with_codec_times(obs, codecs, self.topk_fraction)
+            codecs = bandwidth_codecs(obs, obs.topk_fraction)
+            planned = with_codec_times(obs, codecs, obs.topk_fraction)
             return self._with_codecs(self._train(planned), codecs)
         return self._aggregate(obs)
 

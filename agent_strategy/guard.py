@@ -94,8 +94,9 @@ def guard(decision: Decision, obs: Observation) -> Guarded:
     policy's last picks if needed (no client starves); each selected
     client has an allocation within the epoch, learning-rate and deadline limits,
     and an upload codec among :func:`~agent_strategy.codecs.allowed_codecs` (else the
-    run's default); a client the policy gave no allocation (one the guard added) gets
-    the default epochs, learning rate and deadline, and the codec of
+    run's default); a selected client the policy gave no allocation (one the guard
+    added, or one a policy left out) gets the default epochs, learning rate and
+    deadline, and the codec of
     :func:`~agent_strategy.codecs.bandwidth_codecs` (the default when only that is
     allowed or its bandwidth was never measured).
     Aggregate phase: flags name replying clients only, leave at least

@@ -110,7 +110,6 @@ def deterministic_policy(cfg: RunConfig) -> DeterministicPolicy:
         exploration=cfg.policy.exploration,
         duration_quantile=cfg.policy.duration_quantile,
         detection=detection_params(cfg),
-        topk_fraction=cfg.compression.topk_fraction,
     )
 
 

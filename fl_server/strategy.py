@@ -528,6 +528,8 @@ class AgentStrategy(Strategy):
             target_clients=max(len(replies), 1),
             default_epochs=self.local_epochs,
             default_lr=self.lr,
+            default_compression=self.features.codec,
+            topk_fraction=self.features.topk_fraction,
             limits=self.limits.model_copy(update={"min_clients": self.min_replies}),
             clients=tuple(self.clients[f.id].state for f in replies),
             replies=replies,

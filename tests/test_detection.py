@@ -176,6 +176,14 @@ def test_far_away_replies_that_are_exactly_half_the_round_are_a_majority() -> No
     # nine replies: the upper median is the median, and 4 of 9 far away are not
     # half the round
     assert not reference(replies[:-1])[3]
+    # a round of four: two ordinary large norms are half of it, and a core of two
+    # is too small to stand for the round
+    small = [
+        _reply(f"c{i}", n, 0.5, distance_rank=i + 1, krum_ratio=1.0)
+        for i, n in enumerate([0.5, 0.6, 1.3, 1.7])
+    ]
+    assert not reference(small)[3]
+    assert detect(small) == ()
 
 
 def test_reversed_attackers_that_are_a_majority_are_caught_by_their_norm() -> None:

@@ -229,7 +229,7 @@ def test_missing_codecs_take_the_deterministic_choice(
 
 
 class _Fixed:
-    """A fallback that selects c2 with 4-bit uploads (and has no top-k fraction)."""
+    """A fallback that selects c2 with 4-bit uploads."""
 
     name = "fixed"
 
