@@ -250,6 +250,21 @@ def test_the_fallbacks_own_allocation_codec_comes_first(
     assert _codecs(decision) == {"c1": "q4", "c2": "q4", "c4": "none", "c6": "q8"}
 
 
+@pytest.mark.parametrize(("fraction", "want"), [(0.01, "topk"), (0.3, "q8")])
+def test_the_bandwidth_rule_ranks_topk_with_the_runs_fraction(
+    monkeypatch: pytest.MonkeyPatch, fraction: float, want: Compression
+) -> None:
+    # c1's link is 6x the median's: top-k at 1% (2% of the bytes) fits, at 30%
+    # (60%) nothing does and q8 (25%) is the strongest allowed.
+    mock_completion(monkeypatch, _answer())
+    policy = mock_policy(_Fixed())
+    obs = _obs("q8", "topk").model_copy(update={"topk_fraction": fraction})
+
+    decision = policy.decide(obs)
+
+    assert _codecs(decision)["c1"] == want
+
+
 def test_a_failing_fallback_leaves_the_bandwidth_rule(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
