@@ -10,7 +10,8 @@ whose ``summary.json`` exists is skipped, so an interrupted sweep continues wher
 stopped. After every run the report is rewritten from whatever runs exist:
 ``experiments/results/robustness.md`` and ``.json``, and the plots
 ``robustness_accuracy_f<NN>.png`` (accuracy vs round) and
-``robustness_detection.png`` (the agent's detection confusion per attack).
+``robustness_detection.png`` (the agent's detection confusion per attack); another
+``--out`` names them after its own stem.
 
 ``--report-only`` rewrites the report without running anything.
 """
@@ -103,12 +104,26 @@ def plan(
     return cells
 
 
+def _first_pass(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Return ``results`` up to the first round that does not follow the one before.
+
+    A run restarted in the same directory appends a second pass (rounds 1, 2, ...)
+    to ``results.jsonl``; the summary and the table are the first pass's.
+    """
+    for i in range(1, len(results)):
+        if results[i].get("round", i) <= results[i - 1].get("round", i - 1):
+            return results[:i]
+    return results
+
+
 def _load(runs_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for results_path in sorted(runs_dir.glob("*/results.jsonl")):
         summary_path = results_path.parent / "summary.json"
         cfg = json.loads((results_path.parent / "config.json").read_text())
-        results = [json.loads(x) for x in results_path.read_text().splitlines()]
+        results = _first_pass(
+            [json.loads(x) for x in results_path.read_text().splitlines()]
+        )
         failed_path = results_path.parent / "failed.json"
         if summary_path.exists():
             summary = json.loads(summary_path.read_text())
@@ -347,7 +362,7 @@ def report(runs_dir: Path, out: Path, command: str) -> dict[str, Any]:
     write_report(out, "\n".join(lines) + "\n")
     data = {"clean_fedavg": clean, "cells": summary_cells, "runs": rows}
     out.with_suffix(".json").write_text(json.dumps(data, indent=2))
-    _plots(by, cells, out.parent)
+    _plots(by, cells, out.parent, out.stem)
     return data
 
 
@@ -355,7 +370,14 @@ def _plots(
     by: dict[tuple[str, float, str], list[dict[str, Any]]],
     cells: list[tuple[str, float]],
     folder: Path,
+    stem: str = "robustness",
 ) -> None:
+    """Write ``<stem>_accuracy_f<NN>.png`` and ``<stem>_detection.png`` to ``folder``.
+
+    The names follow the report's (``--out``), so that a second report (the
+    held-out seeds) does not overwrite the first one's plots. Each strategy has one
+    colour; its runs (one per seed) are drawn in it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -369,9 +391,15 @@ def _plots(
             rows_n, cols, figsize=(4 * cols, 3 * rows_n), squeeze=False
         )
         for ax, attack in zip(axes.flat, attacks, strict=False):
-            for s in STRATEGIES:
+            for k, s in enumerate(STRATEGIES):
                 for i, r in enumerate(by.get((attack, frac, s), [])):
-                    ax.plot(r["accuracy"], label=s if i == 0 else None, lw=1.2)
+                    ax.plot(
+                        r["accuracy"],
+                        color=f"C{k}",
+                        label=s if i == 0 else None,
+                        lw=1.2 if s == "agent" else 0.9,
+                        alpha=1.0 if s == "agent" else 0.8,
+                    )
             for r in by.get(("none", 0.0, "fedavg"), [])[:1]:
                 ax.plot(r["accuracy"], "k:", lw=1, label="clean fedavg")
             ax.set_title(f"{attack}, {round(100 * frac)}% malicious", fontsize=9)
@@ -382,9 +410,7 @@ def _plots(
             ax.axis("off")
         axes.flat[0].legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(
-            folder / f"robustness_accuracy_f{round(100 * frac):02d}.png", dpi=90
-        )
+        fig.savefig(folder / f"{stem}_accuracy_f{round(100 * frac):02d}.png", dpi=90)
         plt.close(fig)
 
     labels, tps, fps, fns, fhs = [], [], [], [], []
@@ -425,7 +451,7 @@ def _plots(
         ax.set_title("agent detection per attack (reply level)")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(folder / "robustness_detection.png", dpi=90)
+        fig.savefig(folder / f"{stem}_detection.png", dpi=90)
         plt.close(fig)
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from experiments.bench_robustness import (
     _finished,
+    _first_pass,
     _next_utc,
     _without_stop_after,
     plan,
@@ -154,8 +155,22 @@ def test_report_scores_cells_failed_runs_and_clean_flags(tmp_path: Path) -> None
     assert (out.parent / "robustness.json").exists()
     assert (out.parent / "robustness_accuracy_f20.png").exists()
     assert (out.parent / "robustness_detection.png").exists()
+    # a second report (the held-out seeds) writes its own plots, not over these
+    before = (out.parent / "robustness_accuracy_f20.png").read_bytes()
+    report(runs, out.parent / "robustness_heldout.md", "cmd")
+    assert (out.parent / "robustness_heldout_accuracy_f20.png").exists()
+    assert (out.parent / "robustness_heldout_detection.png").exists()
+    assert (out.parent / "robustness_accuracy_f20.png").read_bytes() == before
     assert _finished(runs / "noise-f20-fedmedian-s0")
     assert not _finished(runs / "noise-f40-agent-s0")
+
+
+def test_a_restarted_runs_second_pass_is_left_out() -> None:
+    rows = [{"round": r, "accuracy": a} for r, a in [(0, 0.1), (1, 0.5), (2, 0.6)]]
+    again = [{"round": 1, "accuracy": 0.1}, {"round": 2, "accuracy": 0.1}]
+
+    assert _first_pass(rows + again) == rows
+    assert _first_pass(rows) == rows and _first_pass([]) == []
 
 
 def test_plan_orders_fractions_first_and_names_runs() -> None:
