@@ -116,6 +116,10 @@ def test_settings_are_checked(
     assert main([str(attacked_run), "--set", "norm_examples_exponent=0"]) == 0
     table = capsys.readouterr().out
     assert "the run's own" in table and "| norm_examples_exponent=0 |" in table
+    # without --set: the run's own settings, one row (replayed once)
+    assert main([str(attacked_run)]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert len(rows) == 1 and "| the run's own |" in rows[0]
 
 
 def test_each_logged_reply_carries_its_clients_roll_call_examples(
