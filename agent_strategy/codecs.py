@@ -39,13 +39,12 @@ def upload_ratio(codec: Compression, topk_fraction: float = 0.01) -> float:
     }[codec]
 
 
-def bandwidth_codecs(
-    obs: Observation, topk_fraction: float = 0.01
-) -> dict[str, Compression]:
+def bandwidth_codecs(obs: Observation) -> dict[str, Compression]:
     """Return an upload codec per client with measured communication time.
 
-    The allowed codecs (:func:`allowed_codecs`: the run's
-    default and ``limits.codecs``) are ranked by :func:`upload_ratio`. A client whose
+    The allowed codecs (:func:`allowed_codecs`: the run's default and
+    ``limits.codecs``) are ranked by :func:`upload_ratio`, top-k at the
+    observation's ``topk_fraction``. A client whose
     ``comm_s`` is ``s`` times the median ``comm_s`` of the measured clients (its
     bandwidth ``1 / s`` times the median's; the simulated devices move the dense
     model down and up, so ``comm_s`` is proportional to ``1 / bandwidth``) gets the
@@ -56,6 +55,7 @@ def bandwidth_codecs(
     no entry (they keep the default). Empty when only the default is allowed or no
     client was measured.
     """
+    topk_fraction = obs.topk_fraction
     ladder = sorted(
         allowed_codecs(obs),
         key=lambda c: -upload_ratio(c, topk_fraction),

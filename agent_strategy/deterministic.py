@@ -224,25 +224,25 @@ def cannot_meet_deadline(obs: Observation) -> np.ndarray:
 
 # ---------------------------------------------------- bandwidth-aware compression
 def with_codec_times(
-    obs: Observation, codecs: Mapping[str, Compression], topk_fraction: float = 0.01
+    obs: Observation, codecs: Mapping[str, Compression]
 ) -> Observation:
     """Return ``obs`` with each coded client's ``comm_s`` at the upload of its codec.
 
     ``comm_s`` is the dense round trip (download and upload of the float32 model,
     half each); a client uploading with codec ``c`` moves
-    ``comm_s / 2 * (1 + upload_ratio(c))``. The train phase plans epochs, deadlines
-    and who can meet the deadline on these times, so a slow link that fits the
-    deadline once its upload is compressed is selected and given the epochs that
-    fit, instead of being taken for hopeless. Clients without an entry (or without
-    a measured ``comm_s``) are unchanged; no codecs: ``obs`` itself.
+    ``comm_s / 2 * (1 + upload_ratio(c))`` (top-k at ``obs.topk_fraction``). The
+    train phase plans epochs, deadlines and who can meet the deadline on these
+    times, so a slow link that fits the deadline once its upload is compressed is
+    selected and given the epochs that fit, instead of being taken for hopeless.
+    Clients without an entry (or without a measured ``comm_s``) are unchanged; no
+    codecs: ``obs`` itself.
     """
     if not codecs:
         return obs
+    k = obs.topk_fraction
     clients = tuple(
         c.model_copy(
-            update={
-                "comm_s": c.comm_s / 2 * (1 + upload_ratio(codecs[c.id], topk_fraction))
-            }
+            update={"comm_s": c.comm_s / 2 * (1 + upload_ratio(codecs[c.id], k))}
         )
         if c.id in codecs and c.comm_s is not None
         else c
@@ -305,8 +305,8 @@ class DeterministicPolicy:
         if obs.phase == "train":
             # Codecs first (from the measured links), then the plan on the times
             # those codecs give; the default run allows no codec: no change.
-            codecs = bandwidth_codecs(obs, obs.topk_fraction)
-            planned = with_codec_times(obs, codecs, obs.topk_fraction)
+            codecs = bandwidth_codecs(obs)
+            planned = with_codec_times(obs, codecs)
             return self._with_codecs(self._train(planned), codecs)
         return self._aggregate(obs)
 

@@ -191,7 +191,7 @@ def _guard_train(decision: Decision, obs: Observation) -> Guarded:
         alloc = decision.allocations.get(cid)
         if alloc is None:
             if by_bandwidth is None:
-                by_bandwidth = bandwidth_codecs(obs, obs.topk_fraction)
+                by_bandwidth = bandwidth_codecs(obs)
             codec = by_bandwidth.get(cid, obs.default_compression)
             changes.append(
                 f"default allocation for {cid}"

@@ -84,8 +84,9 @@ def test_codec_strength_never_falls_as_bandwidth_falls(seed: int) -> None:
 def test_topk_fraction_ranks_topk_among_the_quantizers() -> None:
     # At 10% top-k sends 20% of the bytes: stronger than q8 (25%), weaker than q4.
     obs = _obs([1.0, 1.0, 4.5], codecs=("q8", "q4", "topk"))
-    assert bandwidth_codecs(obs, topk_fraction=0.1)["c2"] == "topk"
-    assert bandwidth_codecs(obs, topk_fraction=0.01)["c2"] == "q4"
+    at = {f: obs.model_copy(update={"topk_fraction": f}) for f in (0.1, 0.01)}
+    assert bandwidth_codecs(at[0.1])["c2"] == "topk"
+    assert bandwidth_codecs(at[0.01])["c2"] == "q4"
 
 
 def _deadline_obs(codecs: tuple[str, ...]) -> Observation:
@@ -197,7 +198,7 @@ def test_a_client_the_guard_adds_gets_the_codec_of_its_bandwidth(
     guarded = guard(policy_pick, obs)
 
     assert guarded.decision.selected == ("c0", "c4")
-    want = bandwidth_codecs(obs, topk_fraction)["c4"]
+    want = bandwidth_codecs(obs)["c4"]
     # 20x slower: top-k at 1% (2% of the bytes) fits; at 10% nothing does, and q4
     # (1/8) is then the strongest
     assert want == ("topk" if topk_fraction == 0.01 else "q4")

@@ -402,7 +402,7 @@ class LLMPolicy:
                 obs.round,
             )
             allocations = {}
-        rule = bandwidth_codecs(obs, obs.topk_fraction)
+        rule = bandwidth_codecs(obs)
         return {
             c.id: allocations[c.id].compression
             if c.id in allocations
